@@ -1,0 +1,43 @@
+//! ringswitch dataplane: the hot path. PMD threads (pmd.rs) busy-poll split virtqueues
+//! (virtq/) over guest memory (guest_mem.rs), switch frames with an L2 learning table (l2.rs) and
+//! publish counters (stats.rs). No sockets, config parsing or logging inside the burst loop.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+pub mod guest_mem;
+pub mod l2;
+pub mod pmd;
+pub mod port;
+pub mod stats;
+pub mod tsc;
+pub mod virtq;
+
+/// Frames per burst, as DPDK and OVS use.
+pub const BURST: usize = 32;
+
+/// Largest frame (without virtio-net header) the switch carries: 64 KiB, a GSO frame's bound.
+pub const MAX_FRAME: u32 = 65535;
+
+/// Index of a port in the switch (dense, assigned by control).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortId(pub u16);
+
+/// Index of a virtqueue within a vhost-user device (even: guest RX, odd: guest TX).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct QueueIdx(pub u16);
+
+impl QueueIdx {
+    /// The guest's receive queues are the even ones: the switch writes frames into them.
+    pub fn is_guest_rx(self) -> bool {
+        self.0 % 2 == 0
+    }
+    pub fn pair(self) -> u16 {
+        self.0 / 2
+    }
+}
+
+/// A CPU to pin a PMD to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoreId(pub usize);

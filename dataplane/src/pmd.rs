@@ -1,0 +1,579 @@
+//! PMD threads: a pinned, busy-polling loop that takes bursts from every guest TX queue it owns,
+//! switches each frame by destination MAC and copies it straight into the destination guest's RX
+//! buffers. Control talks to a PMD only through a bounded command queue drained between bursts;
+//! each command is acknowledged after the PMD applied it, which is the quiescent point control
+//! waits for before it answers GET_VRING_BASE, unmaps memory or tears a port down.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+
+use crate::l2::{is_multicast, MacTable};
+use crate::port::{deliver, Delivery, NetFeatures, RxScratch, VhostPortRt};
+use crate::stats::PmdStats;
+use crate::virtq::copy::gather;
+use crate::virtq::{SegList, SplitRing};
+use crate::{tsc, CoreId, PortId, QueueIdx, BURST, MAX_FRAME};
+
+/// Ports one PMD can hold; ids are dense indices below this.
+pub const MAX_PORTS: usize = 256;
+const MAC_TABLE_SIZE: usize = 8192;
+/// How long control waits for a PMD to acknowledge a command before calling it stuck.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PmdError {
+    #[error("cannot spawn PMD thread")]
+    Spawn(#[source] std::io::Error),
+    #[error("cannot pin PMD thread to core {0}")]
+    Pin(usize),
+    #[error("PMD on core {0} did not acknowledge a command within {ACK_TIMEOUT:?}")]
+    Unresponsive(usize),
+    #[error("port id {0} is beyond the PMD's {MAX_PORTS} ports")]
+    PortId(u16),
+}
+
+/// Something the PMD hands back to control, to be dropped (unmapped, closed) there.
+pub enum Returned {
+    Ring(Box<SplitRing>),
+    Port(Box<VhostPortRt>),
+}
+
+/// A one-shot acknowledgement from the PMD.
+struct Reply {
+    /// Set with Release by the PMD after it stopped using what the command replaced; control's
+    /// Acquire load pairs with it, so everything the PMD did before is visible to control.
+    done: AtomicBool,
+    returned: ArrayQueue<Returned>,
+}
+
+enum Command {
+    AddPort(Box<VhostPortRt>, Arc<Reply>),
+    RemovePort(PortId, Arc<Reply>),
+    SetRing {
+        port: PortId,
+        queue: QueueIdx,
+        features: NetFeatures,
+        ring: Option<Box<SplitRing>>,
+        reply: Arc<Reply>,
+    },
+}
+
+struct Shared {
+    cmds: ArrayQueue<Command>,
+    stats: PmdStats,
+    /// Set by control to end the loop (Relaxed: nothing else is published with it).
+    stop: AtomicBool,
+}
+
+/// Control's handle on one PMD thread.
+pub struct PmdHandle {
+    core: CoreId,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PmdHandle {
+    /// Start a PMD pinned to `core`.
+    pub fn spawn(core: CoreId) -> Result<PmdHandle, PmdError> {
+        let shared = Arc::new(Shared {
+            cmds: ArrayQueue::new(64),
+            stats: PmdStats::default(),
+            stop: AtomicBool::new(false),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("pmd-c{}", core.0))
+            .spawn(move || {
+                let pinned = core_affinity::set_for_current(core_affinity::CoreId { id: core.0 });
+                let _ = tx.send(pinned);
+                if pinned {
+                    Pmd::new(s).run();
+                }
+            })
+            .map_err(PmdError::Spawn)?;
+        if rx.recv() != Ok(true) {
+            let _ = thread.join();
+            return Err(PmdError::Pin(core.0));
+        }
+        Ok(PmdHandle {
+            core,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn core(&self) -> CoreId {
+        self.core
+    }
+
+    pub fn stats(&self) -> &PmdStats {
+        &self.shared.stats
+    }
+
+    /// Post a command and wait until the PMD applied it; returns what it handed back.
+    fn call(&self, make: impl FnOnce(Arc<Reply>) -> Command) -> Result<Option<Returned>, PmdError> {
+        let reply = Arc::new(Reply {
+            done: AtomicBool::new(false),
+            returned: ArrayQueue::new(1),
+        });
+        let deadline = Instant::now() + ACK_TIMEOUT;
+        let mut cmd = make(reply.clone());
+        while let Err(back) = self.shared.cmds.push(cmd) {
+            cmd = back;
+            if Instant::now() > deadline || self.finished() {
+                return Err(PmdError::Unresponsive(self.core.0));
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        while !reply.done.load(Ordering::Acquire) {
+            if Instant::now() > deadline || self.finished() {
+                return Err(PmdError::Unresponsive(self.core.0));
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        Ok(reply.returned.pop())
+    }
+
+    fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    pub fn add_port(&self, port: Box<VhostPortRt>) -> Result<(), PmdError> {
+        if port.id.0 as usize >= MAX_PORTS {
+            return Err(PmdError::PortId(port.id.0));
+        }
+        self.call(|r| Command::AddPort(port, r)).map(drop)
+    }
+
+    /// Detach a port; returns it (with any rings it still held) once the PMD let go of it.
+    pub fn remove_port(&self, port: PortId) -> Result<Option<Box<VhostPortRt>>, PmdError> {
+        Ok(match self.call(|r| Command::RemovePort(port, r))? {
+            Some(Returned::Port(p)) => Some(p),
+            _ => None,
+        })
+    }
+
+    /// Install (Some) or detach (None) one virtqueue of a port. Returns the ring it replaced,
+    /// which the PMD no longer touches: its `last_avail_idx` is final.
+    pub fn set_ring(
+        &self,
+        port: PortId,
+        queue: QueueIdx,
+        features: NetFeatures,
+        ring: Option<Box<SplitRing>>,
+    ) -> Result<Option<Box<SplitRing>>, PmdError> {
+        let r = self.call(|reply| Command::SetRing {
+            port,
+            queue,
+            features,
+            ring,
+            reply,
+        })?;
+        Ok(match r {
+            Some(Returned::Ring(r)) => Some(r),
+            _ => None,
+        })
+    }
+}
+
+impl Drop for PmdHandle {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The PMD's own state; lives on the PMD thread only.
+struct Pmd {
+    shared: Arc<Shared>,
+    /// Indexed by PortId.
+    ports: Vec<Option<Box<VhostPortRt>>>,
+    /// Ids of the ports present, in poll order (capacity MAX_PORTS: pushing never allocates).
+    active: Vec<PortId>,
+    macs: MacTable,
+    src: Box<SegList>,
+    rx: RxScratch,
+}
+
+/// What happened to one frame taken from a guest.
+enum Verdict {
+    Forwarded,
+    BadDescriptor,
+    Runt,
+    TooBig,
+    NoDestination,
+    Undelivered,
+}
+
+impl Pmd {
+    fn new(shared: Arc<Shared>) -> Pmd {
+        Pmd {
+            shared,
+            ports: (0..MAX_PORTS).map(|_| None).collect(),
+            active: Vec::with_capacity(MAX_PORTS),
+            macs: MacTable::new(MAC_TABLE_SIZE),
+            src: Box::default(),
+            rx: RxScratch::default(),
+        }
+    }
+
+    fn run(mut self) {
+        let shared = self.shared.clone();
+        let stats = &shared.stats;
+        let mut t0 = tsc::now();
+        while !shared.stop.load(Ordering::Relaxed) {
+            // Quiescent point: between bursts, nothing of any ring is held.
+            while let Some(cmd) = shared.cmds.pop() {
+                self.apply(cmd);
+            }
+            let moved = self.poll_all();
+            let t1 = tsc::now();
+            let dt = t1.wrapping_sub(t0);
+            t0 = t1;
+            let add = |c: &std::sync::atomic::AtomicU64, n: u64| {
+                c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed)
+            };
+            if moved > 0 {
+                add(&stats.busy_cycles, dt);
+                add(&stats.packets, moved as u64);
+            } else {
+                add(&stats.idle_cycles, dt);
+            }
+            add(&stats.iterations, 1);
+        }
+    }
+
+    #[cold]
+    fn apply(&mut self, cmd: Command) {
+        let (reply, back) = match cmd {
+            Command::AddPort(port, reply) => {
+                let id = port.id;
+                self.macs.forget_port(id);
+                if let Some(slot) = self.ports.get_mut(id.0 as usize) {
+                    if slot.is_none() {
+                        self.active.push(id);
+                    }
+                    *slot = Some(port);
+                }
+                (reply, None)
+            }
+            Command::RemovePort(id, reply) => {
+                self.active.retain(|&p| p != id);
+                self.macs.forget_port(id);
+                let port = self.ports.get_mut(id.0 as usize).and_then(Option::take);
+                (reply, port.map(Returned::Port))
+            }
+            Command::SetRing {
+                port,
+                queue,
+                features,
+                ring,
+                reply,
+            } => {
+                let back = match self.ports.get_mut(port.0 as usize).and_then(|p| p.as_mut()) {
+                    Some(p) => {
+                        p.features = features;
+                        match p.slot(queue.0) {
+                            Some(slot) => std::mem::replace(slot, ring),
+                            None => ring,
+                        }
+                    }
+                    None => ring,
+                };
+                (reply, back.map(Returned::Ring))
+            }
+        };
+        if let Some(b) = back {
+            reply.returned.force_push(b);
+        }
+        reply.done.store(true, Ordering::Release);
+    }
+
+    /// One pass over every guest TX queue, then one flush of every guest RX queue.
+    #[inline]
+    fn poll_all(&mut self) -> usize {
+        let mut moved = 0;
+        for i in 0..self.active.len() {
+            let id = self.active[i];
+            let pairs = self.ports[id.0 as usize].as_ref().map_or(0, |p| p.tx.len());
+            for q in 0..pairs {
+                // Take the ring out so the destinations can be borrowed mutably meanwhile.
+                let Some(mut ring) = self.port_mut(id).and_then(|p| p.tx[q].take()) else {
+                    continue;
+                };
+                moved += self.switch_burst(id, &mut ring);
+                if let Some(p) = self.port_mut(id) {
+                    p.tx[q] = Some(ring);
+                }
+            }
+        }
+        if moved > 0 {
+            for &id in &self.active {
+                if let Some(p) = self.ports[id.0 as usize].as_mut() {
+                    for r in p.rx.iter_mut().flatten() {
+                        r.flush();
+                    }
+                }
+            }
+        }
+        moved
+    }
+
+    #[inline]
+    fn port_mut(&mut self, id: PortId) -> Option<&mut VhostPortRt> {
+        self.ports.get_mut(id.0 as usize)?.as_deref_mut()
+    }
+
+    /// Take up to BURST frames from one guest TX queue and switch them.
+    #[inline]
+    fn switch_burst(&mut self, src: PortId, ring: &mut SplitRing) -> usize {
+        let n = ring.avail_pending().min(BURST as u16);
+        if n == 0 {
+            return 0;
+        }
+        let hdr_len = self.ports[src.0 as usize]
+            .as_ref()
+            .map_or(12, |p| p.features.hdr_len as u32);
+        let mut c = [0u64; 6];
+        let mut bytes = 0u64;
+        for i in 0..n {
+            let head = ring.head_at(i);
+            let v = self.switch_one(src, ring, head, hdr_len);
+            if matches!(v, Verdict::Forwarded) {
+                bytes += (self.src.total - hdr_len) as u64;
+            }
+            c[v as usize] += 1;
+            ring.push_used(head, 0);
+        }
+        ring.advance(n);
+        ring.flush();
+        let s = &ring.stats;
+        s.add(&s.packets, n as u64);
+        s.add(&s.bytes, bytes);
+        s.add(&s.forwarded, c[Verdict::Forwarded as usize]);
+        s.add(&s.drop_bad_descriptor, c[Verdict::BadDescriptor as usize]);
+        s.add(&s.drop_runt, c[Verdict::Runt as usize]);
+        s.add(&s.drop_too_big, c[Verdict::TooBig as usize]);
+        s.add(&s.drop_no_destination, c[Verdict::NoDestination as usize]);
+        s.add(&s.drop_undelivered, c[Verdict::Undelivered as usize]);
+        n as usize
+    }
+
+    #[inline]
+    fn switch_one(&mut self, src: PortId, ring: &SplitRing, head: u16, hdr_len: u32) -> Verdict {
+        if ring.walk_chain(head, false, &mut self.src).is_err() {
+            return Verdict::BadDescriptor;
+        }
+        let total = self.src.total;
+        if total < hdr_len + 14 {
+            return Verdict::Runt;
+        }
+        let frame_len = total - hdr_len;
+        if frame_len > MAX_FRAME {
+            return Verdict::TooBig;
+        }
+        let mut eth = [0u8; 12];
+        gather(&self.src, hdr_len, &mut eth);
+        let (dst_mac, src_mac) = eth.split_at(6);
+        self.macs.learn(src_mac, src);
+
+        if !is_multicast(dst_mac) {
+            if let Some(dst) = self.macs.lookup(dst_mac) {
+                if dst == src {
+                    return Verdict::NoDestination;
+                }
+                let Some(port) = self
+                    .ports
+                    .get_mut(dst.0 as usize)
+                    .and_then(|p| p.as_deref_mut())
+                else {
+                    return Verdict::NoDestination;
+                };
+                return match deliver(port, &self.src, hdr_len, frame_len, &mut self.rx) {
+                    Delivery::Delivered => Verdict::Forwarded,
+                    Delivery::NoQueue => Verdict::NoDestination,
+                    Delivery::Refused => Verdict::Undelivered,
+                };
+            }
+        }
+        // Broadcast, multicast and unknown unicast: flood to every other port.
+        let (mut delivered, mut refused) = (false, false);
+        for i in 0..self.active.len() {
+            let id = self.active[i];
+            if id == src {
+                continue;
+            }
+            let Some(port) = self.ports[id.0 as usize].as_deref_mut() else {
+                continue;
+            };
+            match deliver(port, &self.src, hdr_len, frame_len, &mut self.rx) {
+                Delivery::Delivered => delivered = true,
+                Delivery::Refused => refused = true,
+                Delivery::NoQueue => {}
+            }
+        }
+        match (delivered, refused) {
+            (true, _) => Verdict::Forwarded,
+            (false, true) => Verdict::Undelivered,
+            (false, false) => Verdict::NoDestination,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtq::mock::MockGuest;
+    use crate::virtq::VIRTQ_DESC_F_NEXT;
+
+    fn frame(dst: u8, src: u8, len: usize) -> Vec<u8> {
+        let mut f = vec![0u8; 12]; // virtio-net header
+        f.extend([2, 0, 0, 0, 0, dst, 2, 0, 0, 0, 0, src, 0x08, 0x00]);
+        f.extend((0..len - 14).map(|i| (i * 7 + src as usize) as u8));
+        f
+    }
+
+    struct Guest {
+        tx: MockGuest,
+        rx: MockGuest,
+    }
+
+    fn switch_with(mrg: &[bool]) -> (Pmd, Vec<Guest>) {
+        let shared = Arc::new(Shared {
+            cmds: ArrayQueue::new(4),
+            stats: PmdStats::default(),
+            stop: AtomicBool::new(false),
+        });
+        let mut pmd = Pmd::new(shared);
+        let mut guests = Vec::new();
+        for (i, &m) in mrg.iter().enumerate() {
+            let g = Guest {
+                tx: MockGuest::new(64),
+                rx: MockGuest::new(64),
+            };
+            let mut p = VhostPortRt::new(PortId(i as u16), 1);
+            p.features = NetFeatures {
+                hdr_len: 12,
+                mrg_rxbuf: m,
+            };
+            p.rx[0] = Some(Box::new(g.rx.ring(false)));
+            p.tx[0] = Some(Box::new(g.tx.ring(false)));
+            pmd.apply(Command::AddPort(
+                p,
+                Arc::new(Reply {
+                    done: AtomicBool::new(false),
+                    returned: ArrayQueue::new(1),
+                }),
+            ));
+            guests.push(g);
+        }
+        (pmd, guests)
+    }
+
+    fn stats(pmd: &Pmd, port: usize, tx: bool) -> crate::stats::QueueCounters {
+        let p = pmd.ports[port].as_ref().unwrap();
+        let r = if tx { &p.tx[0] } else { &p.rx[0] };
+        r.as_ref().unwrap().stats.snapshot()
+    }
+
+    #[test]
+    fn floods_learns_and_copies_intact() {
+        let (mut pmd, mut g) = switch_with(&[false, false, false]);
+        for k in 1..3 {
+            g[k].rx.add_rx(&[2048]);
+            g[k].rx.add_rx(&[2048]);
+        }
+        g[0].rx.add_rx(&[2048]);
+        // Unknown destination: flooded to 1 and 2. Split over three TX descriptors.
+        let f = frame(0x22, 0x11, 100);
+        g[0].tx
+            .add_chain(&[f[..5].to_vec(), f[5..30].to_vec(), f[30..].to_vec()], 0);
+        assert_eq!(pmd.poll_all(), 1);
+        for k in 1..3 {
+            assert_eq!(g[k].rx.used_idx(), 1);
+            let (_, len) = g[k].rx.used_elem(0);
+            assert_eq!(len, 112);
+            let got = g[k].rx.read(0x10_0000, 112);
+            assert_eq!(&got[12..], &f[12..], "frame bytes intact");
+        }
+        // 2 answers 1's MAC: learned, so unicast to port 0 only.
+        g[2].tx.add_chain(&[frame(0x11, 0x22, 64)], 0);
+        pmd.poll_all();
+        assert_eq!(g[0].rx.used_idx(), 1);
+        assert_eq!(g[1].rx.used_idx(), 1);
+        // Now 0 → 0x22 is known: unicast to port 2.
+        g[0].tx.add_chain(&[frame(0x22, 0x11, 64)], 0);
+        pmd.poll_all();
+        assert_eq!(g[2].rx.used_idx(), 2);
+        assert_eq!(g[1].rx.used_idx(), 1);
+        let s = stats(&pmd, 0, true);
+        assert_eq!((s.packets, s.forwarded, s.drops()), (2, 2, 0));
+        assert_eq!(stats(&pmd, 2, false).packets, 2);
+    }
+
+    #[test]
+    fn mergeable_spreads_a_frame_over_buffers() {
+        let (mut pmd, mut g) = switch_with(&[true, true]);
+        for _ in 0..4 {
+            g[1].rx.add_rx(&[512]);
+        }
+        let f = frame(0xff, 0x11, 1400);
+        g[0].tx
+            .add_indirect(&[f[..12].to_vec(), f[12..].to_vec()], 0);
+        pmd.poll_all();
+        assert_eq!(
+            g[1].rx.used_idx(),
+            3,
+            "1412 bytes over three 512-byte buffers"
+        );
+        let lens: Vec<u32> = (0..3).map(|i| g[1].rx.used_elem(i).1).collect();
+        assert_eq!(lens, [512, 512, 388]);
+        let mut got = g[1].rx.read(0x10_0000, 512);
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
+        got.extend(g[1].rx.read(0x10_0000 + 512, 512));
+        got.extend(g[1].rx.read(0x10_0000 + 1024, 388));
+        assert_eq!(&got[12..], &f[12..]);
+    }
+
+    #[test]
+    fn drops_are_counted_and_chains_returned() {
+        let (mut pmd, mut g) = switch_with(&[false, false]);
+        g[1].rx.add_rx(&[256]);
+        // Too big for a non-mergeable 256-byte buffer: refused at the destination.
+        g[0].tx.add_chain(&[frame(0xff, 0x11, 1000)], 0);
+        // Runt, and a chain pointing outside guest memory.
+        g[0].tx.add_chain(&[vec![0u8; 20]], 0);
+        let d = g[0].tx.take_desc();
+        g[0].tx.set_desc(d, 0x7000_0000, 100, 0, 0);
+        g[0].tx.publish(d);
+        // A loop.
+        let (a, b) = (g[0].tx.take_desc(), g[0].tx.take_desc());
+        g[0].tx.set_desc(a, 0x10_0000, 64, VIRTQ_DESC_F_NEXT, b);
+        g[0].tx.set_desc(b, 0x10_0000, 64, VIRTQ_DESC_F_NEXT, a);
+        g[0].tx.publish(a);
+        // Fits: delivered.
+        g[0].tx.add_chain(&[frame(0xff, 0x11, 200)], 0);
+        assert_eq!(pmd.poll_all(), 5);
+        assert_eq!(g[0].tx.used_idx(), 5, "every chain returned");
+        let s = stats(&pmd, 0, true);
+        assert_eq!(s.packets, 5);
+        assert_eq!(s.forwarded, 1);
+        assert_eq!(s.drop_undelivered, 1);
+        assert_eq!(s.drop_runt, 1);
+        assert_eq!(s.drop_bad_descriptor, 2);
+        assert_eq!(s.packets, s.forwarded + s.drops());
+        let r = stats(&pmd, 1, false);
+        assert_eq!((r.packets, r.drop_too_big), (1, 1));
+        // No RX buffers left: counted, nothing consumed.
+        g[0].tx.add_chain(&[frame(0xff, 0x11, 60)], 0);
+        pmd.poll_all();
+        assert_eq!(stats(&pmd, 1, false).drop_no_rx_buffer, 1);
+    }
+}

@@ -1,0 +1,119 @@
+//! Counters. Each struct has a single writer (the PMD that owns the queue) and any number of
+//! readers (control, for `ringswitch ctl stats`). Relaxed atomics suffice: counters are
+//! independent and readers only need eventually-current values; no other data is published here.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Per-virtqueue counters, on their own cache line so PMDs never false-share them with control.
+/// For a guest TX queue (odd index) `packets` are frames the switch took from the guest; for a
+/// guest RX queue (even) they are frames delivered into the guest.
+#[repr(align(64))]
+#[derive(Default, Debug)]
+pub struct QueueStats {
+    pub packets: AtomicU64,
+    pub bytes: AtomicU64,
+    /// TX queue: frames handed on to at least one destination queue.
+    pub forwarded: AtomicU64,
+    /// RX queue: the guest had no (or too few) receive buffers posted.
+    pub drop_no_rx_buffer: AtomicU64,
+    /// TX queue: malformed descriptor chain (bad address, loop, wrong direction, bad indirect).
+    pub drop_bad_descriptor: AtomicU64,
+    /// TX queue: frame shorter than an Ethernet header.
+    pub drop_runt: AtomicU64,
+    /// Frame larger than MAX_FRAME (TX) or than the guest's buffer without MRG_RXBUF (RX).
+    pub drop_too_big: AtomicU64,
+    /// TX queue: no port to send to (destination learned on the source port, or no other port
+    /// with a running RX queue).
+    pub drop_no_destination: AtomicU64,
+    /// TX queue: every destination refused the frame; the reason is counted on the destination's
+    /// RX queue (`drop_no_rx_buffer`, `drop_too_big`, `drop_bad_descriptor`).
+    pub drop_undelivered: AtomicU64,
+    /// Call-eventfd writes (interrupts injected into the guest).
+    pub guest_notifications: AtomicU64,
+    /// 1 once the guest corrupted the ring (avail index jumped); cleared by a device reset.
+    pub ring_broken: AtomicU64,
+}
+
+impl QueueStats {
+    /// Single-writer increment: a plain load + store, no locked instruction.
+    #[inline]
+    pub fn add(&self, c: &AtomicU64, n: u64) {
+        c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> QueueCounters {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        QueueCounters {
+            packets: l(&self.packets),
+            bytes: l(&self.bytes),
+            forwarded: l(&self.forwarded),
+            drop_no_rx_buffer: l(&self.drop_no_rx_buffer),
+            drop_bad_descriptor: l(&self.drop_bad_descriptor),
+            drop_runt: l(&self.drop_runt),
+            drop_too_big: l(&self.drop_too_big),
+            drop_no_destination: l(&self.drop_no_destination),
+            drop_undelivered: l(&self.drop_undelivered),
+            guest_notifications: l(&self.guest_notifications),
+            ring_broken: l(&self.ring_broken),
+        }
+    }
+}
+
+/// A plain copy of `QueueStats`, for control to format and sum.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub forwarded: u64,
+    pub drop_no_rx_buffer: u64,
+    pub drop_bad_descriptor: u64,
+    pub drop_runt: u64,
+    pub drop_too_big: u64,
+    pub drop_no_destination: u64,
+    pub drop_undelivered: u64,
+    pub guest_notifications: u64,
+    pub ring_broken: u64,
+}
+
+impl QueueCounters {
+    pub fn drops(&self) -> u64 {
+        self.drop_no_rx_buffer
+            + self.drop_bad_descriptor
+            + self.drop_runt
+            + self.drop_too_big
+            + self.drop_no_destination
+            + self.drop_undelivered
+    }
+}
+
+/// Per-PMD counters and the quiescence epoch.
+#[repr(align(64))]
+#[derive(Default, Debug)]
+pub struct PmdStats {
+    pub iterations: AtomicU64,
+    /// TSC cycles of iterations that moved at least one packet, and of those that moved none.
+    pub busy_cycles: AtomicU64,
+    pub idle_cycles: AtomicU64,
+    /// Frames taken from guests (what busy cycles are divided by).
+    pub packets: AtomicU64,
+}
+
+impl PmdStats {
+    pub fn snapshot(&self) -> PmdCounters {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PmdCounters {
+            iterations: l(&self.iterations),
+            busy_cycles: l(&self.busy_cycles),
+            idle_cycles: l(&self.idle_cycles),
+            packets: l(&self.packets),
+        }
+    }
+}
+
+#[derive(Default, Debug, Clone, Copy)]
+pub struct PmdCounters {
+    pub iterations: u64,
+    pub busy_cycles: u64,
+    pub idle_cycles: u64,
+    pub packets: u64,
+}
