@@ -1,1 +1,95 @@
-fn main() {}
+//! The `ringswitch` binary: `ringswitch --config FILE` runs the switch; `ringswitch ctl ...`
+//! talks to a running one. Runs on the main (control) thread; exits on SIGINT/SIGTERM.
+
+mod config;
+mod ctl;
+mod switch;
+mod vhost_user;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ringswitch", version, about = "A vhost-user switch with busy-polling PMD cores")]
+struct Cli {
+    /// Main configuration file (per-port files go in ports.d/ beside it).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Query a running switch over its control socket.
+    Ctl {
+        #[arg(long, default_value = "/run/ringswitch/ctl.sock")]
+        socket: PathBuf,
+        #[command(subcommand)]
+        what: CtlCmd,
+    },
+    /// Check a configuration and exit.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCmd {
+    /// Per-PMD and per-port counters.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match (cli.cmd, cli.config) {
+        (Some(Cmd::Ctl { socket, what }), _) => {
+            let cmd = match what {
+                CtlCmd::Stats { json: true } => "stats-json",
+                CtlCmd::Stats { json: false } => "stats",
+            };
+            print!("{}", ctl::client(&socket, cmd)?);
+            Ok(())
+        }
+        (Some(Cmd::Check { config }), _) => {
+            let c = config::Config::load(&config)?;
+            println!("{}: ok, {} port(s)", config.display(), c.ports.len());
+            Ok(())
+        }
+        (None, Some(path)) => run(&path),
+        (None, None) => anyhow::bail!("give --config FILE to run the switch, or a subcommand (see --help)"),
+    }
+}
+
+fn run(path: &std::path::Path) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let cfg = config::Config::load(path)?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).context("signals")?;
+    let sw = Arc::new(switch::Switch::start(&cfg)?);
+    ctl::serve(&cfg.control_socket, sw.clone())?;
+    log::info!(
+        "ringswitch running: {} port(s), PMD core(s) {:?}, control socket {}",
+        sw.ports.len(),
+        cfg.pmd_cores,
+        cfg.control_socket.display()
+    );
+    if let Some(sig) = signals.forever().next() {
+        log::info!("signal {sig}: stopping");
+    }
+    for p in &cfg.ports {
+        if p.mode == config::VhostMode::Server {
+            let _ = std::fs::remove_file(&p.socket);
+        }
+    }
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    // Exit without joining the port threads (they block in accept/recv); the OS unmaps guest memory.
+    std::process::exit(0)
+}

@@ -1,0 +1,427 @@
+//! The vhost-user backend of one port: the device state the frontend's messages build up
+//! (features, memory table, vrings) and the rule that turns it into rings running on the PMD.
+//! rust-vmm's `BackendReqHandler` frames and validates messages; this file never sees raw bytes.
+//! Runs on the port's control thread.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use dataplane::guest_mem::{MemTable, RegionDesc};
+use dataplane::pmd::PmdHandle;
+use dataplane::port::NetFeatures;
+use dataplane::stats::QueueStats;
+use dataplane::virtq::split::RingAddrs;
+use dataplane::virtq::SplitRing;
+use dataplane::{PortId, QueueIdx};
+use vhost::vhost_user::message::*;
+use vhost::vhost_user::{Backend, Error as VuError, GpuBackend, Result as VuResult};
+use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+use vhost::VhostUserMemoryRegionBase;
+
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+pub const VIRTIO_F_ANY_LAYOUT: u64 = 1 << 27;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Everything the switch can do for a guest today. Offloads, packed rings and dirty logging
+/// are not offered until the dataplane implements them.
+pub const OFFERED_FEATURES: u64 = VIRTIO_F_VERSION_1
+    | VIRTIO_NET_F_MRG_RXBUF
+    | VIRTIO_NET_F_MQ
+    | VIRTIO_F_ANY_LAYOUT
+    | VIRTIO_RING_F_INDIRECT_DESC
+    | VIRTIO_RING_F_EVENT_IDX
+    | VHOST_USER_F_PROTOCOL_FEATURES;
+
+/// REPLY_ACK is added by the vhost crate itself.
+pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+}
+
+#[derive(Default)]
+struct Vring {
+    size: u32,
+    addrs: Option<RingAddrs>,
+    base: u16,
+    kick: Option<File>,
+    call: Option<File>,
+    enabled: bool,
+    running: bool,
+}
+
+/// One vhost-user port's device, as seen by its control thread.
+pub struct VhostUserDevice {
+    pub name: String,
+    id: PortId,
+    pmd: Arc<PmdHandle>,
+    /// Per virtqueue (2 per queue pair), kept across reconnects so counters only grow.
+    stats: Vec<Arc<QueueStats>>,
+    features: u64,
+    protocol_features: u64,
+    mem: Option<Arc<MemTable>>,
+    vrings: Vec<Vring>,
+}
+
+fn req_err(msg: String) -> VuError {
+    VuError::ReqHandlerError(std::io::Error::other(msg))
+}
+
+impl VhostUserDevice {
+    pub fn new(name: String, id: PortId, pmd: Arc<PmdHandle>, stats: Vec<Arc<QueueStats>>) -> Self {
+        let n = stats.len();
+        VhostUserDevice {
+            name,
+            id,
+            pmd,
+            stats,
+            features: 0,
+            protocol_features: 0,
+            mem: None,
+            vrings: (0..n).map(|_| Vring::default()).collect(),
+        }
+    }
+
+    fn net_features(&self) -> NetFeatures {
+        let long = self.features & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) != 0;
+        NetFeatures {
+            hdr_len: if long { 12 } else { 10 },
+            mrg_rxbuf: self.features & VIRTIO_NET_F_MRG_RXBUF != 0,
+        }
+    }
+
+    fn vring(&mut self, index: u32) -> VuResult<&mut Vring> {
+        let name = &self.name;
+        let n = self.vrings.len();
+        self.vrings.get_mut(index as usize).ok_or_else(|| {
+            req_err(format!("port {name}: vring {index} out of range (port has {n})"))
+        })
+    }
+
+    /// Start the ring if everything it needs is present, else leave it stopped.
+    fn try_start(&mut self, index: usize) -> VuResult<()> {
+        let features = self.net_features();
+        let event_idx = self.features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let v = &self.vrings[index];
+        let (Some(mem), Some(addrs), Some(_)) = (&self.mem, v.addrs, &v.kick) else {
+            return Ok(());
+        };
+        if v.running || !v.enabled || v.size == 0 {
+            return Ok(());
+        }
+        let call = match &v.call {
+            Some(f) => Some(f.try_clone().map_err(VuError::ReqHandlerError)?),
+            None => None,
+        };
+        let ring = SplitRing::new(
+            mem.clone(),
+            v.size,
+            addrs,
+            v.base,
+            event_idx,
+            call,
+            self.stats[index].clone(),
+        )
+        .map_err(|e| req_err(format!("port {}: vring {index}: {e}", self.name)))?;
+        let q = QueueIdx(index as u16);
+        // Anything it replaced is dropped here, on control, after the PMD let go of it.
+        drop(self.pmd_set(q, features, Some(Box::new(ring)))?);
+        self.vrings[index].running = true;
+        log::debug!("port {}: vring {index} started at {}", self.name, self.vrings[index].base);
+        Ok(())
+    }
+
+    /// Take a running ring back from the PMD; its final `last_avail_idx` becomes the base.
+    fn stop(&mut self, index: usize) -> VuResult<()> {
+        if !self.vrings[index].running {
+            return Ok(());
+        }
+        let features = self.net_features();
+        let back = self.pmd_set(QueueIdx(index as u16), features, None)?;
+        let v = &mut self.vrings[index];
+        if let Some(ring) = back {
+            v.base = ring.last_avail_idx;
+        }
+        v.running = false;
+        Ok(())
+    }
+
+    fn pmd_set(
+        &self,
+        q: QueueIdx,
+        features: NetFeatures,
+        ring: Option<Box<SplitRing>>,
+    ) -> VuResult<Option<Box<SplitRing>>> {
+        self.pmd
+            .set_ring(self.id, q, features, ring)
+            .map_err(|e| req_err(format!("port {}: {e}", self.name)))
+    }
+
+    /// Re-create every running ring (new memory table, features or call fd).
+    fn restart_running(&mut self, changed: impl FnOnce(&mut Self) -> VuResult<()>) -> VuResult<()> {
+        let running: Vec<usize> = (0..self.vrings.len())
+            .filter(|&i| self.vrings[i].running)
+            .collect();
+        for &i in &running {
+            self.stop(i)?;
+        }
+        changed(self)?;
+        for i in running {
+            self.try_start(i)?;
+        }
+        Ok(())
+    }
+
+    /// The frontend went away: stop every ring, forget memory and negotiation, keep counters.
+    pub fn disconnect(&mut self) {
+        for i in 0..self.vrings.len() {
+            if let Err(e) = self.stop(i) {
+                log::error!("port {}: stopping vring {i}: {e}", self.name);
+            }
+        }
+        self.features = 0;
+        self.protocol_features = 0;
+        for v in self.vrings.iter_mut() {
+            *v = Vring::default();
+        }
+        // Every ring is back from the PMD, so nothing can touch the old memory any more.
+        self.mem = None;
+    }
+
+    fn unsupported<T>(&self, what: &str) -> VuResult<T> {
+        Err(req_err(format!("port {}: {what} is not supported", self.name)))
+    }
+}
+
+impl VhostUserBackendReqHandlerMut for VhostUserDevice {
+    fn set_owner(&mut self) -> VuResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.disconnect();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VuResult<()> {
+        self.disconnect();
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(OFFERED_FEATURES)
+    }
+
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        if features & !OFFERED_FEATURES != 0 {
+            return Err(req_err(format!(
+                "port {}: frontend acked features {:#x} that were not offered",
+                self.name,
+                features & !OFFERED_FEATURES
+            )));
+        }
+        self.restart_running(|d| {
+            d.features = features;
+            if features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
+                // Without protocol features rings start enabled (vhost-user spec).
+                d.vrings.iter_mut().for_each(|v| v.enabled = true);
+            }
+            Ok(())
+        })
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        // The message struct is packed: copy each field out before use.
+        let regions: Vec<RegionDesc> = ctx
+            .iter()
+            .map(|r| RegionDesc {
+                guest_phys_addr: { r.guest_phys_addr },
+                size: { r.memory_size },
+                user_addr: { r.user_addr },
+                mmap_offset: { r.mmap_offset },
+            })
+            .collect();
+        let table = MemTable::map(&regions, files)
+            .map_err(|e| req_err(format!("port {}: SET_MEM_TABLE: {e}", self.name)))?;
+        log::info!("port {}: memory table with {} regions", self.name, table.region_count());
+        // Rings stop (their old table is released by the PMD), the table is swapped, rings
+        // restart on the new one; the old table is unmapped when its last ring is dropped here.
+        self.restart_running(|d| {
+            d.mem = Some(table);
+            Ok(())
+        })?;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        let name = self.name.clone();
+        if num == 0 || num > 32768 || !num.is_power_of_two() {
+            return Err(req_err(format!("port {name}: vring {index}: bad size {num}")));
+        }
+        self.vring(index)?.size = num;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        let addrs = RingAddrs {
+            desc: descriptor,
+            avail: available,
+            used,
+        };
+        let running = self.vring(index)?.running;
+        // Addresses may move while the ring runs: stop it, then start it at the new place.
+        if running {
+            self.stop(index as usize)?;
+        }
+        self.vring(index)?.addrs = Some(addrs);
+        self.try_start(index as usize)
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        let name = self.name.clone();
+        let v = self.vring(index)?;
+        if v.running {
+            return Err(req_err(format!("port {name}: SET_VRING_BASE on running vring {index}")));
+        }
+        v.base = u16::try_from(base)
+            .map_err(|_| req_err(format!("port {name}: vring {index}: base {base} > 65535")))?;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        self.vring(index)?;
+        // The reply waits until the PMD has handed the ring back (the quiescent point).
+        self.stop(index as usize)?;
+        let v = &mut self.vrings[index as usize];
+        // A stopped ring needs a new kick fd before it runs again (as in DPDK's vhost).
+        v.kick = None;
+        Ok(VhostUserVringState::new(index, v.base as u32))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.vring(index as u32)?;
+        // No fd (polling frontend) still means "start": keep a marker that the kick came.
+        let kick = match fd {
+            Some(f) => f,
+            None => File::open("/dev/null").map_err(VuError::ReqHandlerError)?,
+        };
+        self.vrings[index as usize].kick = Some(kick);
+        self.try_start(index as usize)
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let i = index as usize;
+        self.vring(index as u32)?;
+        if self.vrings[i].running {
+            self.stop(i)?;
+        }
+        self.vrings[i].call = fd;
+        self.try_start(i)
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
+        self.vring(index as u32)?;
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(offered_protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        self.protocol_features = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok((self.vrings.len() / 2) as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        self.vring(index)?.enabled = enable;
+        if enable {
+            self.try_start(index as usize)
+        } else {
+            self.stop(index as usize)
+        }
+    }
+
+    fn get_config(&mut self, _: u32, _: u32, _: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+        self.unsupported("GET_CONFIG")
+    }
+
+    fn set_config(&mut self, _: u32, _: &[u8], _: VhostUserConfigFlags) -> VuResult<()> {
+        self.unsupported("SET_CONFIG")
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+
+    fn set_gpu_socket(&mut self, _: GpuBackend) -> VuResult<()> {
+        self.unsupported("GPU_SET_SOCKET")
+    }
+
+    fn get_shared_object(&mut self, _: VhostUserSharedMsg) -> VuResult<File> {
+        self.unsupported("GET_SHARED_OBJECT")
+    }
+
+    fn get_inflight_fd(&mut self, _: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        self.unsupported("GET_INFLIGHT_FD")
+    }
+
+    fn set_inflight_fd(&mut self, _: &VhostUserInflight, _: File) -> VuResult<()> {
+        self.unsupported("SET_INFLIGHT_FD")
+    }
+
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        self.unsupported("GET_MAX_MEM_SLOTS")
+    }
+
+    fn add_mem_region(
+        &mut self,
+        _: &VhostUserSingleMemoryRegion,
+        _: File,
+        _: Option<bool>,
+    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        self.unsupported("ADD_MEM_REG")
+    }
+
+    fn remove_mem_region(&mut self, _: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        self.unsupported("REM_MEM_REG")
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _: VhostTransferStateDirection,
+        _: VhostTransferStatePhase,
+        _: File,
+    ) -> VuResult<Option<File>> {
+        self.unsupported("SET_DEVICE_STATE_FD")
+    }
+
+    fn check_device_state(&mut self) -> VuResult<()> {
+        self.unsupported("CHECK_DEVICE_STATE")
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        self.unsupported("GET_SHMEM_CONFIG")
+    }
+
+    fn set_log_base(&mut self, _: &VhostUserLog, _: File) -> VuResult<()> {
+        self.unsupported("SET_LOG_BASE (dirty logging)")
+    }
+}
