@@ -118,8 +118,11 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let main: MainFile = parse(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let mut ports: Vec<(PortSection, PathBuf)> =
-            main.port.into_iter().map(|p| (p, path.to_owned())).collect();
+        let mut ports: Vec<(PortSection, PathBuf)> = main
+            .port
+            .into_iter()
+            .map(|p| (p, path.to_owned()))
+            .collect();
 
         let dir = match &main.dataplane.ports_dir {
             Some(d) => Some(base.join(d)),
@@ -153,15 +156,24 @@ fn validate(
         key: key.to_owned(),
         message,
     };
-    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Cores online, not the ones this process may run on: the PMD pins itself.
+    // SAFETY: sysconf has no preconditions.
+    let ncpu = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
     if dp.pmd_cores.is_empty() {
-        return Err(invalid(main_file, "dataplane.pmd_cores", "needs at least one core".into()));
+        return Err(invalid(
+            main_file,
+            "dataplane.pmd_cores",
+            "needs at least one core".into(),
+        ));
     }
     if let Some(&c) = dp.pmd_cores.iter().find(|&&c| c >= ncpu) {
         return Err(invalid(
             main_file,
             "dataplane.pmd_cores",
-            format!("core {c} does not exist (this machine has cores 0..{})", ncpu - 1),
+            format!(
+                "core {c} does not exist (this machine has cores 0..{})",
+                ncpu - 1
+            ),
         ));
     }
     if dp.pmd_cores.len() > 1 {
@@ -176,10 +188,18 @@ fn validate(
     let mut out = Vec::new();
     for (p, file) in ports {
         if p.name.is_empty() || p.name.len() > 64 || p.name.chars().any(|c| c.is_whitespace()) {
-            return Err(invalid(&file, "name", format!("{:?} is not a valid port name", p.name)));
+            return Err(invalid(
+                &file,
+                "name",
+                format!("{:?} is not a valid port name", p.name),
+            ));
         }
         if !names.insert(p.name.clone()) {
-            return Err(invalid(&file, "name", format!("port {:?} is defined twice", p.name)));
+            return Err(invalid(
+                &file,
+                "name",
+                format!("port {:?} is defined twice", p.name),
+            ));
         }
         if !sockets.insert(p.socket.clone()) {
             return Err(invalid(
@@ -205,7 +225,11 @@ fn validate(
         });
     }
     if out.len() > dataplane::pmd::MAX_PORTS {
-        return Err(invalid(main_file, "port", format!("more than {} ports", dataplane::pmd::MAX_PORTS)));
+        return Err(invalid(
+            main_file,
+            "port",
+            format!("more than {} ports", dataplane::pmd::MAX_PORTS),
+        ));
     }
     Ok(Config {
         pmd_cores: dp.pmd_cores,
@@ -248,21 +272,43 @@ mod tests {
     fn errors_name_file_line_and_key() {
         let d = tmpdir("bad");
         let main = write(&d, "main.toml", "[dataplane]\npmd_cores = [0]\n");
-        write(&d, "ports.d/b.toml", "name = \"b\"\ntype = \"vhost-user\"\nsocket = \"/tmp/b.sock\"\nqueus = 2\n");
+        write(
+            &d,
+            "ports.d/b.toml",
+            "name = \"b\"\ntype = \"vhost-user\"\nsocket = \"/tmp/b.sock\"\nqueus = 2\n",
+        );
         let e = Config::load(&main).unwrap_err().to_string();
-        assert!(e.contains("b.toml") && e.contains("line 4") && e.contains("queus"), "{e}");
+        assert!(
+            e.contains("b.toml") && e.contains("line 4") && e.contains("queus"),
+            "{e}"
+        );
 
-        write(&d, "ports.d/b.toml", "name = \"b\"\ntype = \"vhost-user\"\nsocket = \"/tmp/b.sock\"\nqueues = 0\n");
+        write(
+            &d,
+            "ports.d/b.toml",
+            "name = \"b\"\ntype = \"vhost-user\"\nsocket = \"/tmp/b.sock\"\nqueues = 0\n",
+        );
         let e = Config::load(&main).unwrap_err().to_string();
         assert!(e.contains("b.toml") && e.contains("queues"), "{e}");
 
-        write(&d, "ports.d/b.toml", "name = \"b\"\ntype = \"vhost-user\"\nsocket = \"/tmp/b.sock\"\n");
-        write(&d, "ports.d/c.toml", "name = \"c\"\ntype = \"vhost-user\"\nsocket = \"/tmp/b.sock\"\n");
+        write(
+            &d,
+            "ports.d/b.toml",
+            "name = \"b\"\ntype = \"vhost-user\"\nsocket = \"/tmp/b.sock\"\n",
+        );
+        write(
+            &d,
+            "ports.d/c.toml",
+            "name = \"c\"\ntype = \"vhost-user\"\nsocket = \"/tmp/b.sock\"\n",
+        );
         let e = Config::load(&main).unwrap_err().to_string();
         assert!(e.contains("c.toml") && e.contains("socket"), "{e}");
 
         let main = write(&d, "main2.toml", "[dataplane]\npmd_cores = [4096]\n");
         let e = Config::load(&main).unwrap_err().to_string();
-        assert!(e.contains("pmd_cores") && e.contains("does not exist"), "{e}");
+        assert!(
+            e.contains("pmd_cores") && e.contains("does not exist"),
+            "{e}"
+        );
     }
 }

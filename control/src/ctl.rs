@@ -30,7 +30,9 @@ pub fn serve(path: &Path, sw: Arc<Switch>) -> anyhow::Result<()> {
 
 fn answer(s: UnixStream, sw: &Switch) -> anyhow::Result<()> {
     let mut line = String::new();
-    BufReader::new(s.try_clone()?).take(256).read_line(&mut line)?;
+    BufReader::new(s.try_clone()?)
+        .take(256)
+        .read_line(&mut line)?;
     let reply = match line.trim() {
         "stats" => format_stats(&stats_json(sw)),
         "stats-json" => stats_json(sw).to_string() + "\n",

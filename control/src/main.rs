@@ -13,7 +13,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ringswitch", version, about = "A vhost-user switch with busy-polling PMD cores")]
+#[command(
+    name = "ringswitch",
+    version,
+    about = "A vhost-user switch with busy-polling PMD cores"
+)]
 struct Cli {
     /// Main configuration file (per-port files go in ports.d/ beside it).
     #[arg(long, short)]
@@ -65,7 +69,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         (None, Some(path)) => run(&path),
-        (None, None) => anyhow::bail!("give --config FILE to run the switch, or a subcommand (see --help)"),
+        (None, None) => {
+            anyhow::bail!("give --config FILE to run the switch, or a subcommand (see --help)")
+        }
     }
 }
 

@@ -50,7 +50,7 @@ impl Switch {
             let info = match pc.kind {
                 PortKind::VhostUser => start_vhost_port(pc, id, pmd),
             }
-                .with_context(|| format!("port {} ({})", pc.name, pc.file.display()))?;
+            .with_context(|| format!("port {} ({})", pc.name, pc.file.display()))?;
             ports.push(info);
         }
         Ok(Switch {
@@ -117,7 +117,12 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
-fn serve_listener(name: &str, l: UnixListener, dev: Arc<Mutex<VhostUserDevice>>, flag: &AtomicBool) {
+fn serve_listener(
+    name: &str,
+    l: UnixListener,
+    dev: Arc<Mutex<VhostUserDevice>>,
+    flag: &AtomicBool,
+) {
     for stream in l.incoming() {
         match stream {
             Ok(s) => serve_connection(name, s, &dev, flag),
@@ -138,7 +143,9 @@ fn serve_client(name: &str, path: &Path, dev: Arc<Mutex<VhostUserDevice>>, flag:
                 backoff = Duration::from_millis(50);
                 serve_connection(name, s, &dev, flag);
             }
-            Err(e) if e.kind() == ErrorKind::NotFound || e.kind() == ErrorKind::ConnectionRefused => {
+            Err(e)
+                if e.kind() == ErrorKind::NotFound || e.kind() == ErrorKind::ConnectionRefused =>
+            {
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
@@ -150,7 +157,12 @@ fn serve_client(name: &str, path: &Path, dev: Arc<Mutex<VhostUserDevice>>, flag:
     }
 }
 
-fn serve_connection(name: &str, s: UnixStream, dev: &Arc<Mutex<VhostUserDevice>>, flag: &AtomicBool) {
+fn serve_connection(
+    name: &str,
+    s: UnixStream,
+    dev: &Arc<Mutex<VhostUserDevice>>,
+    flag: &AtomicBool,
+) {
     log::info!("port {name}: frontend connected");
     flag.store(true, Ordering::Relaxed);
     let mut h = BackendReqHandler::from_stream(s, dev.clone());

@@ -14,8 +14,8 @@ use dataplane::virtq::split::RingAddrs;
 use dataplane::virtq::SplitRing;
 use dataplane::{PortId, QueueIdx};
 use vhost::vhost_user::message::*;
-use vhost::vhost_user::{Backend, Error as VuError, GpuBackend, Result as VuResult};
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+use vhost::vhost_user::{Backend, Error as VuError, GpuBackend, Result as VuResult};
 use vhost::VhostUserMemoryRegionBase;
 
 pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
@@ -96,7 +96,9 @@ impl VhostUserDevice {
         let name = &self.name;
         let n = self.vrings.len();
         self.vrings.get_mut(index as usize).ok_or_else(|| {
-            req_err(format!("port {name}: vring {index} out of range (port has {n})"))
+            req_err(format!(
+                "port {name}: vring {index} out of range (port has {n})"
+            ))
         })
     }
 
@@ -129,7 +131,11 @@ impl VhostUserDevice {
         // Anything it replaced is dropped here, on control, after the PMD let go of it.
         drop(self.pmd_set(q, features, Some(Box::new(ring)))?);
         self.vrings[index].running = true;
-        log::debug!("port {}: vring {index} started at {}", self.name, self.vrings[index].base);
+        log::debug!(
+            "port {}: vring {index} started at {}",
+            self.name,
+            self.vrings[index].base
+        );
         Ok(())
     }
 
@@ -191,7 +197,10 @@ impl VhostUserDevice {
     }
 
     fn unsupported<T>(&self, what: &str) -> VuResult<T> {
-        Err(req_err(format!("port {}: {what} is not supported", self.name)))
+        Err(req_err(format!(
+            "port {}: {what} is not supported",
+            self.name
+        )))
     }
 }
 
@@ -250,7 +259,11 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
             .collect();
         let table = MemTable::map(&regions, files)
             .map_err(|e| req_err(format!("port {}: SET_MEM_TABLE: {e}", self.name)))?;
-        log::info!("port {}: memory table with {} regions", self.name, table.region_count());
+        log::info!(
+            "port {}: memory table with {} regions",
+            self.name,
+            table.region_count()
+        );
         // Rings stop (their old table is released by the PMD), the table is swapped, rings
         // restart on the new one; the old table is unmapped when its last ring is dropped here.
         self.restart_running(|d| {
@@ -263,7 +276,9 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
         let name = self.name.clone();
         if num == 0 || num > 32768 || !num.is_power_of_two() {
-            return Err(req_err(format!("port {name}: vring {index}: bad size {num}")));
+            return Err(req_err(format!(
+                "port {name}: vring {index}: bad size {num}"
+            )));
         }
         self.vring(index)?.size = num;
         Ok(())
@@ -296,7 +311,9 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
         let name = self.name.clone();
         let v = self.vring(index)?;
         if v.running {
-            return Err(req_err(format!("port {name}: SET_VRING_BASE on running vring {index}")));
+            return Err(req_err(format!(
+                "port {name}: SET_VRING_BASE on running vring {index}"
+            )));
         }
         v.base = u16::try_from(base)
             .map_err(|_| req_err(format!("port {name}: vring {index}: base {base} > 65535")))?;

@@ -31,7 +31,7 @@ pub struct QueueIdx(pub u16);
 impl QueueIdx {
     /// The guest's receive queues are the even ones: the switch writes frames into them.
     pub fn is_guest_rx(self) -> bool {
-        self.0 % 2 == 0
+        self.0.is_multiple_of(2)
     }
     pub fn pair(self) -> u16 {
         self.0 / 2

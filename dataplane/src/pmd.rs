@@ -486,9 +486,9 @@ mod tests {
     #[test]
     fn floods_learns_and_copies_intact() {
         let (mut pmd, mut g) = switch_with(&[false, false, false]);
-        for k in 1..3 {
-            g[k].rx.add_rx(&[2048]);
-            g[k].rx.add_rx(&[2048]);
+        for guest in &mut g[1..3] {
+            guest.rx.add_rx(&[2048]);
+            guest.rx.add_rx(&[2048]);
         }
         g[0].rx.add_rx(&[2048]);
         // Unknown destination: flooded to 1 and 2. Split over three TX descriptors.
@@ -496,11 +496,11 @@ mod tests {
         g[0].tx
             .add_chain(&[f[..5].to_vec(), f[5..30].to_vec(), f[30..].to_vec()], 0);
         assert_eq!(pmd.poll_all(), 1);
-        for k in 1..3 {
-            assert_eq!(g[k].rx.used_idx(), 1);
-            let (_, len) = g[k].rx.used_elem(0);
+        for guest in &g[1..3] {
+            assert_eq!(guest.rx.used_idx(), 1);
+            let (_, len) = guest.rx.used_elem(0);
             assert_eq!(len, 112);
-            let got = g[k].rx.read(0x10_0000, 112);
+            let got = guest.rx.read(0x10_0000, 112);
             assert_eq!(&got[12..], &f[12..], "frame bytes intact");
         }
         // 2 answers 1's MAC: learned, so unicast to port 0 only.

@@ -48,7 +48,7 @@ impl VhostPortRt {
     /// The slot of virtqueue `index` (even: RX, odd: TX), if the port has that many queues.
     pub fn slot(&mut self, index: u16) -> Option<&mut Option<Box<SplitRing>>> {
         let pair = (index / 2) as usize;
-        if index % 2 == 0 {
+        if index.is_multiple_of(2) {
             self.rx.get_mut(pair)
         } else {
             self.tx.get_mut(pair)

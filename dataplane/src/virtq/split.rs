@@ -93,7 +93,7 @@ impl SplitRing {
             let p = mem
                 .uva_to_host(addr, len)
                 .ok_or(RingError::NotMapped { what, addr, len })?;
-            if (p as usize as u64) % align != 0 {
+            if !(p as usize as u64).is_multiple_of(align) {
                 return Err(RingError::Misaligned { what, addr });
             }
             Ok(p)
@@ -236,7 +236,7 @@ impl SplitRing {
         let mut entries = self.size;
         let mut d = self.read_desc(table, head);
         if d.flags & VIRTQ_DESC_F_INDIRECT != 0 {
-            if d.flags & VIRTQ_DESC_F_NEXT != 0 || d.len % 16 != 0 || d.len == 0 {
+            if d.flags & VIRTQ_DESC_F_NEXT != 0 || !d.len.is_multiple_of(16) || d.len == 0 {
                 return Err(ChainError::BadIndirect);
             }
             let count = d.len / 16;
@@ -247,7 +247,7 @@ impl SplitRing {
                 .mem
                 .gpa_to_host(d.addr, d.len as u64)
                 .ok_or(ChainError::BadAddress)? as *const Desc;
-            if (table as usize) % std::mem::align_of::<Desc>() != 0 {
+            if !(table as usize).is_multiple_of(std::mem::align_of::<Desc>()) {
                 return Err(ChainError::BadIndirect);
             }
             entries = count as u16;

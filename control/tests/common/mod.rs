@@ -1,0 +1,289 @@
+//! Test harness: the real `ringswitch` binary and real DPDK testpmd guests (virtio-user), each
+//! bounded by `timeout` and stopped by PID when the test ends. Needs root, hugepages and
+//! `dpdk-testpmd` (scripts/test installs them).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn tmpdir(tag: &str) -> PathBuf {
+    let d = PathBuf::from(format!("/tmp/rs-it-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub struct Switch {
+    child: Child,
+    pub dir: PathBuf,
+}
+
+impl Switch {
+    /// Start ringswitch with `ports` vhost-user server ports named p0, p1, … (PMD on CPU 1).
+    pub fn start(tag: &str, ports: usize) -> Switch {
+        let dir = tmpdir(tag);
+        let mut cfg = format!(
+            "[dataplane]\npmd_cores = [1]\ncontrol_socket = \"{}/ctl.sock\"\n",
+            dir.display()
+        );
+        for i in 0..ports {
+            cfg += &format!(
+                "[[port]]\nname = \"p{i}\"\ntype = \"vhost-user\"\nsocket = \"{}/p{i}.sock\"\n",
+                dir.display()
+            );
+        }
+        std::fs::write(dir.join("main.toml"), cfg).unwrap();
+        let log = std::fs::File::create(dir.join("ringswitch.log")).unwrap();
+        let child = Command::new("timeout")
+            .args([
+                "-s",
+                "TERM",
+                "300",
+                env!("CARGO_BIN_EXE_ringswitch"),
+                "--config",
+            ])
+            .arg(dir.join("main.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let sw = Switch { child, dir };
+        let ctl = sw.dir.join("ctl.sock");
+        wait_for("ringswitch control socket", Duration::from_secs(10), || {
+            ctl.exists()
+        });
+        sw
+    }
+
+    pub fn sock(&self, port: usize) -> PathBuf {
+        self.dir.join(format!("p{port}.sock"))
+    }
+
+    pub fn stats(&self) -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_ringswitch"))
+            .args(["ctl", "--socket"])
+            .arg(self.dir.join("ctl.sock"))
+            .args(["stats", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctl failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn port(&self, stats: &Value, port: usize) -> Value {
+        stats["ports"][port].clone()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn wait_connected(&self, port: usize, want: bool) {
+        wait_for("port connection state", Duration::from_secs(10), || {
+            self.stats()["ports"][port]["connected"] == want
+        });
+    }
+
+    /// Every frame a guest sent is forwarded or counted as dropped for a reason.
+    pub fn check_accounting(&self) {
+        let s = self.stats();
+        for p in s["ports"].as_array().unwrap() {
+            let t = &p["guest_tx"];
+            let n = |k: &str| t[k].as_u64().unwrap();
+            let drops: u64 = [
+                "drop_bad_descriptor",
+                "drop_runt",
+                "drop_too_big",
+                "drop_no_destination",
+                "drop_undelivered",
+                "drop_no_rx_buffer",
+            ]
+            .iter()
+            .map(|k| n(k))
+            .sum();
+            assert_eq!(
+                n("packets"),
+                n("forwarded") + drops,
+                "accounting of port {}",
+                p["name"]
+            );
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("ringswitch.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        // SAFETY-free: signal by PID, then reap.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Testpmd {
+    child: Option<Child>,
+    prefix: String,
+    pub log: PathBuf,
+}
+
+impl Testpmd {
+    /// A testpmd guest on CPU 0 with the given EAL vdevs and testpmd arguments.
+    pub fn start(dir: &Path, name: &str, vdevs: &[String], args: &[&str]) -> Testpmd {
+        assert!(
+            Command::new("dpdk-testpmd")
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok(),
+            "dpdk-testpmd not found: run ./scripts/test, which installs it"
+        );
+        let prefix = format!("rsit{}{name}", std::process::id());
+        let log = dir.join(format!("testpmd-{name}.log"));
+        let mut cmd = Command::new("timeout");
+        cmd.args([
+            "-s",
+            "INT",
+            "120",
+            "dpdk-testpmd",
+            "--lcores",
+            "0@0,1@0",
+            "--no-pci",
+            "-m",
+            "256",
+            "--single-file-segments",
+        ])
+        .arg(format!("--file-prefix={prefix}"));
+        for v in vdevs {
+            cmd.arg("--vdev").arg(v);
+        }
+        cmd.arg("--")
+            .args(["--nb-cores=1", "--stats-period", "1"])
+            .args(args);
+        let f = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Testpmd {
+            child: Some(child),
+            prefix,
+            log,
+        }
+    }
+
+    pub fn virtio(idx: usize, sock: &Path) -> String {
+        format!("net_virtio_user{idx},path={},queues=1", sock.display())
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait until the guest printed `needle` (e.g. its first stats period).
+    pub fn wait_output(&self, needle: &str, timeout: Duration) {
+        wait_for(needle, timeout, || self.output().contains(needle));
+    }
+
+    /// SIGINT (testpmd prints its final statistics) and wait; returns the whole log.
+    pub fn stop(&mut self) -> String {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-INT")
+                .arg(c.id().to_string())
+                .status();
+            let t = Instant::now();
+            while c.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.cleanup_hugepages();
+        self.output()
+    }
+
+    /// SIGKILL: a guest that vanishes mid-traffic.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // `timeout` forwards only some signals; kill the testpmd child itself too.
+            let _ = Command::new("pkill")
+                .args(["-KILL", "-P"])
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.cleanup_hugepages();
+    }
+
+    fn cleanup_hugepages(&self) {
+        if let Ok(rd) = std::fs::read_dir("/dev/hugepages") {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&self.prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Testpmd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// RX-packets of `port` in testpmd's final "Forward statistics for port N" block.
+pub fn final_rx_packets(log: &str, port: usize) -> u64 {
+    let marker = format!("Forward statistics for port {port}");
+    let block = log
+        .rsplit(&marker)
+        .next()
+        .filter(|_| log.contains(&marker))
+        .unwrap_or_else(|| panic!("no final stats for port {port} in:\n{log}"));
+    let after = block.split("RX-packets:").nth(1).expect("RX-packets");
+    after.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Per-period Rx-pps of every port summed, in print order (testpmd --stats-period).
+pub fn rx_pps_periods(log: &str, ports: usize) -> Vec<u64> {
+    let vals: Vec<u64> = log
+        .split("Rx-pps:")
+        .skip(1)
+        .map(|s| {
+            s.split_whitespace()
+                .next()
+                .unwrap_or("0")
+                .parse()
+                .unwrap_or(0)
+        })
+        .collect();
+    vals.chunks(ports)
+        .filter(|c| c.len() == ports)
+        .map(|c| c.iter().sum())
+        .collect()
+}
