@@ -1,1 +1,95 @@
-fn main() {}
+//! `rs-perf`: turns raw benchmark output into figures for perf/ scripts.
+//!   rs-perf median-pps LOG [all]        median Rx-pps (Mpps) of a testpmd --stats-period log,
+//!                                       port 0 or summed over all ports, first 2 periods skipped
+//!   rs-perf testpmd-cycles LOG          busy cycles per packet from testpmd --record-core-cycles
+//!   rs-perf ringswitch-cycles A.json B.json
+//!                                       busy cycles per packet of PMD 0 between two
+//!                                       `ringswitch ctl stats --json` snapshots
+
+use anyhow::{bail, Context};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let read = |i: usize| -> anyhow::Result<String> {
+        let p = args.get(i).context("missing file argument")?;
+        std::fs::read_to_string(p).with_context(|| format!("read {p}"))
+    };
+    match args.first().map(String::as_str) {
+        Some("median-pps") => {
+            let all = args.get(2).is_some_and(|a| a == "all");
+            println!("{:.2}", median_pps(&read(1)?, all) / 1e6);
+        }
+        Some("testpmd-cycles") => println!("{:.0}", testpmd_cycles(&read(1)?)?),
+        Some("ringswitch-cycles") => {
+            let a: serde_json::Value = serde_json::from_str(&read(1)?)?;
+            let b: serde_json::Value = serde_json::from_str(&read(2)?)?;
+            let d = |k: &str| {
+                b["pmds"][0][k].as_u64().unwrap_or(0) - a["pmds"][0][k].as_u64().unwrap_or(0)
+            };
+            println!("{:.0}", d("busy_cycles") as f64 / d("packets").max(1) as f64);
+        }
+        _ => bail!("usage: rs-perf median-pps LOG [all] | testpmd-cycles LOG | ringswitch-cycles A.json B.json"),
+    }
+    Ok(())
+}
+
+/// testpmd prints one block per port per period; a period ends when a port repeats.
+fn median_pps(log: &str, all_ports: bool) -> f64 {
+    let re = regex::Regex::new(r"NIC statistics for port (\d+)[\s\S]*?Rx-pps:\s+(\d+)")
+        .unwrap_or_else(|_| unreachable!());
+    let mut periods = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut current = 0u64;
+    for c in re.captures_iter(log) {
+        let port: u32 = c[1].parse().unwrap_or(0);
+        let pps: u64 = c[2].parse().unwrap_or(0);
+        if !seen.insert(port) {
+            periods.push(current);
+            current = 0;
+            seen.clear();
+            seen.insert(port);
+        }
+        if all_ports || port == 0 {
+            current += pps;
+        }
+    }
+    let mut s: Vec<u64> = periods.into_iter().skip(2).collect();
+    if s.is_empty() {
+        return 0.0;
+    }
+    s.sort_unstable();
+    s[s.len() / 2] as f64
+}
+
+/// "CPU cycles/packet=123.45 (busy cycles=… / total io packets=…)" from the final statistics.
+fn testpmd_cycles(log: &str) -> anyhow::Result<f64> {
+    let re = regex::Regex::new(r"CPU cycles/packet=([0-9.]+)")?;
+    let c = re
+        .captures_iter(log)
+        .last()
+        .context("no 'CPU cycles/packet=' in testpmd log (run with --record-core-cycles)")?;
+    Ok(c[1].parse()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_cycles() {
+        let mut log = String::new();
+        for p in [1u64, 2, 10, 30, 20, 5] {
+            for port in 0..2 {
+                log += &format!(
+                    "#### NIC statistics for port {port} ####\n  Rx-pps: {}\n",
+                    p * 1000 + port
+                );
+            }
+        }
+        assert_eq!(median_pps(&log, false), 20000.0);
+        assert_eq!(median_pps(&log, true), 40001.0);
+        let t = "  CPU cycles/packet=95.31 (busy cycles=1 / total io packets=2) at 2000 MHz Clock";
+        assert_eq!(testpmd_cycles(t).unwrap(), 95.31);
+        assert!(testpmd_cycles("nothing").is_err());
+    }
+}
