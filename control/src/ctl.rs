@@ -77,8 +77,11 @@ pub fn stats_json(sw: &Switch) -> Value {
             let qs: Vec<QueueCounters> = p.queues.iter().map(|q| q.snapshot()).collect();
             let sum = |rx: bool| {
                 let mut t = QueueCounters::default();
-                for (i, q) in qs.iter().enumerate().filter(|(i, _)| (i % 2 == 0) == rx) {
-                    let _ = i;
+                for (_, q) in qs
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| i.is_multiple_of(2) == rx)
+                {
                     t.packets += q.packets;
                     t.bytes += q.bytes;
                     t.forwarded += q.forwarded;
