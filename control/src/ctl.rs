@@ -82,17 +82,7 @@ pub fn stats_json(sw: &Switch) -> Value {
                     .enumerate()
                     .filter(|(i, _)| i.is_multiple_of(2) == rx)
                 {
-                    t.packets += q.packets;
-                    t.bytes += q.bytes;
-                    t.forwarded += q.forwarded;
-                    t.drop_no_rx_buffer += q.drop_no_rx_buffer;
-                    t.drop_bad_descriptor += q.drop_bad_descriptor;
-                    t.drop_runt += q.drop_runt;
-                    t.drop_too_big += q.drop_too_big;
-                    t.drop_no_destination += q.drop_no_destination;
-                    t.drop_undelivered += q.drop_undelivered;
-                    t.guest_notifications += q.guest_notifications;
-                    t.ring_broken += q.ring_broken;
+                    t.accumulate(q);
                 }
                 t
             };

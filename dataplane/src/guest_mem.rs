@@ -120,13 +120,9 @@ impl MemTable {
     /// Host pointer for guest-physical `[gpa, gpa+len)` if it lies inside one region.
     #[inline]
     pub fn gpa_to_host(&self, gpa: u64, len: u64) -> Option<*mut u8> {
-        for r in &self.regions {
-            let off = gpa.wrapping_sub(r.gpa);
-            if gpa >= r.gpa && off < r.size && len <= r.size - off {
-                return Some(r.host.wrapping_add(off as usize));
-            }
-        }
-        None
+        self.gpa_to_host_partial(gpa, len)
+            .filter(|&(_, n)| n == len)
+            .map(|(p, _)| p)
     }
 
     /// Like `gpa_to_host` but returns how many bytes from `gpa` are contiguous in that region

@@ -76,6 +76,21 @@ pub struct QueueCounters {
 }
 
 impl QueueCounters {
+    /// Add another queue's counters (per-port totals).
+    pub fn accumulate(&mut self, o: &QueueCounters) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.forwarded += o.forwarded;
+        self.drop_no_rx_buffer += o.drop_no_rx_buffer;
+        self.drop_bad_descriptor += o.drop_bad_descriptor;
+        self.drop_runt += o.drop_runt;
+        self.drop_too_big += o.drop_too_big;
+        self.drop_no_destination += o.drop_no_destination;
+        self.drop_undelivered += o.drop_undelivered;
+        self.guest_notifications += o.guest_notifications;
+        self.ring_broken += o.ring_broken;
+    }
+
     pub fn drops(&self) -> u64 {
         self.drop_no_rx_buffer
             + self.drop_bad_descriptor
