@@ -231,6 +231,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
                 features & !OFFERED_FEATURES
             )));
         }
+        log::info!("port {}: features {features:#x} acked", self.name);
         self.restart_running(|d| {
             d.features = features;
             if features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
@@ -257,6 +258,9 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
                 mmap_offset: { r.mmap_offset },
             })
             .collect();
+        for r in &regions {
+            log::debug!("port {}: region {r:?}", self.name);
+        }
         let table = MemTable::map(&regions, files)
             .map_err(|e| req_err(format!("port {}: SET_MEM_TABLE: {e}", self.name)))?;
         log::info!(
@@ -298,6 +302,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
             avail: available,
             used,
         };
+        log::debug!("port {}: vring {index} at {addrs:x?}", self.name);
         let running = self.vring(index)?.running;
         // Addresses may move while the ring runs: stop it, then start it at the new place.
         if running {

@@ -33,6 +33,8 @@ pub struct VhostPortRt {
     pub rx: Box<[Option<Box<SplitRing>>]>,
     /// Guest TX queues (odd virtqueue indices), indexed by queue pair.
     pub tx: Box<[Option<Box<SplitRing>>]>,
+    /// Listed in `RxScratch::dirty`: has used RX entries not yet flushed.
+    pub rx_dirty: bool,
 }
 
 impl VhostPortRt {
@@ -42,6 +44,7 @@ impl VhostPortRt {
             features: NetFeatures::default(),
             rx: (0..queue_pairs).map(|_| None).collect(),
             tx: (0..queue_pairs).map(|_| None).collect(),
+            rx_dirty: false,
         })
     }
 
@@ -77,19 +80,22 @@ pub enum Delivery {
 /// Scratch space for RX chains, allocated once per PMD.
 pub struct RxScratch {
     chains: Box<[SegList]>,
+    /// Ports given used RX entries since the owner last flushed them, each listed once.
+    pub dirty: Vec<PortId>,
 }
 
 impl Default for RxScratch {
     fn default() -> Self {
         RxScratch {
             chains: (0..MAX_RX_CHAINS).map(|_| SegList::default()).collect(),
+            dirty: Vec::with_capacity(crate::pmd::MAX_PORTS),
         }
     }
 }
 
 /// Copy the frame `src[skip..]` (`frame_len` bytes) with a fresh virtio-net header into the
-/// first running RX queue of `port`. Used entries are written but not published: the caller
-/// flushes every destination once per burst.
+/// first running RX queue of `port`. Used entries are written but not published: the port is
+/// listed in `scratch.dirty` for the caller to flush once per burst.
 #[inline]
 pub fn deliver(
     port: &mut VhostPortRt,
@@ -103,6 +109,10 @@ pub fn deliver(
         return Delivery::NoQueue;
     };
     let result = fill(ring, features, src, skip, frame_len, scratch);
+    if !port.rx_dirty {
+        port.rx_dirty = true;
+        scratch.dirty.push(port.id);
+    }
     let s = &ring.stats;
     match result {
         Ok(()) => {
