@@ -1,16 +1,12 @@
 //! The `ringswitch` binary: `ringswitch --config FILE` runs the switch; `ringswitch ctl ...`
 //! talks to a running one. Runs on the main (control) thread; exits on SIGINT/SIGTERM.
 
-mod config;
-mod ctl;
-mod switch;
-mod vhost_user;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use control::{config, ctl, switch};
 
 #[derive(Parser)]
 #[command(

@@ -157,7 +157,7 @@ fn serve_client(name: &str, path: &Path, dev: Arc<Mutex<VhostUserDevice>>, flag:
     }
 }
 
-fn serve_connection(
+pub fn serve_connection(
     name: &str,
     s: UnixStream,
     dev: &Arc<Mutex<VhostUserDevice>>,

@@ -196,6 +196,11 @@ impl VhostUserDevice {
         self.mem = None;
     }
 
+    /// True when no ring runs and no guest memory is held: the state after `disconnect`.
+    pub fn is_idle(&self) -> bool {
+        self.mem.is_none() && self.vrings.iter().all(|v| !v.running)
+    }
+
     fn unsupported<T>(&self, what: &str) -> VuResult<T> {
         Err(req_err(format!(
             "port {}: {what} is not supported",

@@ -43,6 +43,8 @@ pub enum MemError {
         #[source]
         source: vm_memory::mmap::MmapRegionError,
     },
+    #[error("region {index}: needs {need:#x} bytes of its file, which has {have:#x}")]
+    FileTooSmall { index: usize, need: u64, have: u64 },
     #[error("{regions} regions given with {files} files")]
     FileCount { regions: usize, files: usize },
 }
@@ -89,8 +91,17 @@ impl MemTable {
                 size: r.size,
                 offset: r.mmap_offset,
             };
-            let blk = file_block_size(&file).map_err(|source| MemError::Stat { index, source })?;
+            let (blk, file_len) =
+                file_geometry(&file).map_err(|source| MemError::Stat { index, source })?;
             let end = r.mmap_offset.checked_add(r.size).ok_or_else(bad)?;
+            // Touching a mapping past the end of its file raises SIGBUS in the PMD.
+            if let Some(have) = file_len.filter(|&have| have < end) {
+                return Err(MemError::FileTooSmall {
+                    index,
+                    need: end,
+                    have,
+                });
+            }
             let len = end
                 .checked_next_multiple_of(blk.max(1))
                 .and_then(|l| usize::try_from(l).ok())
@@ -180,12 +191,15 @@ fn check_layout(regions: &[RegionDesc]) -> Result<(), MemError> {
     Ok(())
 }
 
-fn file_block_size(file: &File) -> std::io::Result<u64> {
+/// The file's block size (the unit mappings are rounded to) and, for regular files (memfd,
+/// tmpfs, hugetlbfs), its length.
+fn file_geometry(file: &File) -> std::io::Result<(u64, Option<u64>)> {
     use std::os::unix::fs::MetadataExt;
     let md = file.metadata()?;
     // hugetlbfs reports the huge page size as its block size; mappings must be multiples of it.
     let blk = md.blksize();
-    Ok(if blk.is_power_of_two() { blk } else { 4096 })
+    let blk = if blk.is_power_of_two() { blk } else { 4096 };
+    Ok((blk, md.file_type().is_file().then_some(md.len())))
 }
 
 #[cfg(test)]
@@ -267,6 +281,15 @@ mod tests {
         assert!(matches!(
             MemTable::map(&[a], vec![]),
             Err(MemError::FileCount { .. })
+        ));
+        // A region larger than its file would fault (SIGBUS) when touched.
+        let d = RegionDesc {
+            mmap_offset: 0x1000,
+            ..a
+        };
+        assert!(matches!(
+            MemTable::map(&[d], vec![memfd(0x2000)]),
+            Err(MemError::FileTooSmall { need: 0x3000, .. })
         ));
     }
 

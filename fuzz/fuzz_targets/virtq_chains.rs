@@ -1,0 +1,162 @@
+//! The descriptor-chain reader and the RX writer over guest memory and rings the fuzzer controls:
+//! a TX ring whose chains are walked and delivered into an RX ring (mergeable or not), for a few
+//! rounds, with the "guest" rewriting memory between rounds. Nothing may panic, every translated
+//! segment must lie inside guest memory, and the RX counters must account for every delivery.
+#![no_main]
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use dataplane::guest_mem::{MemTable, RegionDesc};
+use dataplane::port::{deliver, Delivery, NetFeatures, RxScratch, VhostPortRt};
+use dataplane::stats::QueueStats;
+use dataplane::virtq::split::RingAddrs;
+use dataplane::virtq::{SegList, SplitRing};
+use dataplane::{PortId, BURST, MAX_FRAME};
+use libfuzzer_sys::fuzz_target;
+
+// One file, two regions: A (gpa 0x10000, 64 KiB) and B right after it (gpa 0x20000, 8 KiB, at
+// file offset 0x10000), so buffers may legally cross a region boundary and must be split.
+const A_GPA: u64 = 0x10000;
+const A_SIZE: u64 = 0x10000;
+const B_SIZE: u64 = 0x2000;
+const UVA: u64 = 0x7f00_0000_0000;
+// Rings at the start of the image (queue sizes up to 16) so that short inputs reach them:
+// desc at +0, avail at +0x100, used at +0x140.
+const TX: u64 = A_GPA;
+const RX: u64 = A_GPA + 0x200;
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 4 {
+        return;
+    }
+    let (cfg, image) = data.split_at(4);
+    let qsize = |b: u8| 1u32 << (b % 5); // 1..=16
+    let features = NetFeatures {
+        hdr_len: if cfg[2] & 1 != 0 { 12 } else { 10 },
+        mrg_rxbuf: cfg[2] & 2 != 0,
+    };
+    let event_idx = cfg[2] & 4 != 0;
+    let rounds = 1 + (cfg[3] % 4) as usize;
+
+    let file = ringswitch_fuzz::memfd(A_SIZE + B_SIZE);
+    let chunk = image.len().div_ceil(rounds).max(1);
+    let mut chunks = image.chunks(chunk);
+    file.write_all_at(chunks.next().unwrap_or_default(), 0)
+        .expect("write");
+    let regions = [
+        RegionDesc {
+            guest_phys_addr: A_GPA,
+            size: A_SIZE,
+            user_addr: UVA,
+            mmap_offset: 0,
+        },
+        RegionDesc {
+            guest_phys_addr: A_GPA + A_SIZE,
+            size: B_SIZE,
+            user_addr: UVA + A_SIZE,
+            mmap_offset: A_SIZE,
+        },
+    ];
+    let mem = MemTable::map(
+        &regions,
+        vec![
+            file.try_clone().expect("dup"),
+            file.try_clone().expect("dup"),
+        ],
+    )
+    .expect("map");
+    // Host ranges of the two regions: every translated segment must lie inside one of them.
+    let bounds: Vec<(usize, usize)> = [(A_GPA, A_SIZE), (A_GPA + A_SIZE, B_SIZE)]
+        .iter()
+        .map(|&(gpa, size)| {
+            let p = mem.gpa_to_host(gpa, size).expect("region") as usize;
+            (p, p + size as usize)
+        })
+        .collect();
+    let ring = |base: u64, size: u32| {
+        let uva = UVA + base - A_GPA;
+        let addrs = RingAddrs {
+            desc: uva,
+            avail: uva + 0x100,
+            used: uva + 0x140,
+        };
+        SplitRing::new(
+            mem.clone(),
+            size,
+            addrs,
+            0,
+            event_idx,
+            None,
+            Arc::new(QueueStats::default()),
+        )
+        .expect("rings are placed validly")
+    };
+    let mut tx = ring(TX, qsize(cfg[0]));
+    let mut port = VhostPortRt::new(PortId(1), 1);
+    port.features = features;
+    port.rx[0] = Some(Box::new(ring(RX, qsize(cfg[1]))));
+    let rx_stats = port.rx[0]
+        .as_ref()
+        .map(|r| r.stats.clone())
+        .expect("rx ring");
+
+    let mut src = Box::<SegList>::default();
+    let mut scratch = RxScratch::default();
+    let mut offered = 0u64;
+    let hdr = features.hdr_len as u32;
+    for round in 0..rounds {
+        if round > 0 {
+            // The guest changes rings and buffers while the switch works.
+            if let Some(c) = chunks.next() {
+                file.write_all_at(
+                    c,
+                    (round as u64 * 0x1234) % (A_SIZE + B_SIZE - c.len() as u64).max(1),
+                )
+                .expect("write");
+            }
+        }
+        let n = tx.avail_pending().min(BURST as u16);
+        for i in 0..n {
+            let head = tx.head_at(i);
+            tx.prefetch_desc(head);
+            tx.prefetch_data(head, hdr);
+            if tx.walk_chain(head, false, &mut src).is_ok() {
+                let sum: u64 = src.segs().iter().map(|s| s.len as u64).sum();
+                assert_eq!(sum, src.total as u64);
+                for s in src.segs() {
+                    let (p, end) = (s.ptr as usize, s.ptr as usize + s.len as usize);
+                    assert!(
+                        bounds.iter().any(|&(lo, hi)| lo <= p && end <= hi),
+                        "segment outside guest memory"
+                    );
+                }
+                if src.total >= hdr + 14 && src.total - hdr <= MAX_FRAME {
+                    match deliver(&mut port, &src, hdr, src.total - hdr, &mut scratch) {
+                        // Only a ring marked broken (avail index jump) stops taking frames.
+                        Delivery::NoQueue => {
+                            assert!(port.rx.iter().flatten().all(|r| r.broken))
+                        }
+                        _ => offered += 1,
+                    }
+                }
+            }
+            tx.push_used(head, 0);
+        }
+        tx.advance(n);
+        tx.flush();
+        for id in scratch.dirty.drain(..) {
+            assert_eq!(id, PortId(1));
+            port.rx_dirty = false;
+            port.rx.iter_mut().flatten().for_each(|r| r.flush());
+        }
+    }
+    // Every frame offered to the RX ring was delivered or counted as a drop.
+    let s = &*rx_stats;
+    let delivered = s.packets.load(Ordering::Relaxed);
+    let dropped = s.drop_no_rx_buffer.load(Ordering::Relaxed)
+        + s.drop_too_big.load(Ordering::Relaxed)
+        + s.drop_bad_descriptor.load(Ordering::Relaxed);
+    assert_eq!(delivered + dropped, offered);
+});
