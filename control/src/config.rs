@@ -59,6 +59,48 @@ struct PortSection {
     socket: PathBuf,
     #[serde(default = "one")]
     queues: u16,
+    /// Server mode: permissions of the socket file, octal (default "0660").
+    socket_mode: Option<String>,
+    /// Server mode: owner and group of the socket file, by name or number (default: unchanged).
+    socket_owner: Option<String>,
+    socket_group: Option<String>,
+}
+
+/// Who may connect to a socket ringswitch creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketPerm {
+    pub mode: u32,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Default for SocketPerm {
+    fn default() -> Self {
+        SocketPerm {
+            mode: 0o660,
+            uid: None,
+            gid: None,
+        }
+    }
+}
+
+/// A user or group given by name or number, resolved through NSS (getpwnam/getgrnam).
+fn resolve_id(spec: &str, group: bool) -> Option<u32> {
+    if let Ok(n) = spec.parse::<u32>() {
+        return Some(n);
+    }
+    let name = std::ffi::CString::new(spec).ok()?;
+    // SAFETY: name is a valid C string; the returned record (static storage, or null) is read
+    // at once, before any other NSS call on this thread could overwrite it.
+    unsafe {
+        if group {
+            let g = libc::getgrnam(name.as_ptr());
+            (!g.is_null()).then(|| (*g).gr_gid)
+        } else {
+            let u = libc::getpwnam(name.as_ptr());
+            (!u.is_null()).then(|| (*u).pw_uid)
+        }
+    }
 }
 
 fn one() -> u16 {
@@ -96,6 +138,7 @@ pub struct PortConfig {
     pub mode: VhostMode,
     pub socket: PathBuf,
     pub queues: u16,
+    pub socket_perm: SocketPerm,
     /// The file it came from, for error messages.
     pub file: PathBuf,
 }
@@ -215,12 +258,38 @@ fn validate(
                 format!("{} queue pairs: must be 1..={MAX_QUEUE_PAIRS}", p.queues),
             ));
         }
+        let mut perm = SocketPerm::default();
+        if let Some(m) = &p.socket_mode {
+            perm.mode = u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|&m| m <= 0o777)
+                .ok_or_else(|| {
+                    invalid(
+                        &file,
+                        "socket_mode",
+                        format!("{m:?} is not an octal mode like \"0660\""),
+                    )
+                })?;
+        }
+        if let Some(o) = &p.socket_owner {
+            perm.uid = Some(
+                resolve_id(o, false)
+                    .ok_or_else(|| invalid(&file, "socket_owner", format!("no user {o:?}")))?,
+            );
+        }
+        if let Some(g) = &p.socket_group {
+            perm.gid = Some(
+                resolve_id(g, true)
+                    .ok_or_else(|| invalid(&file, "socket_group", format!("no group {g:?}")))?,
+            );
+        }
         out.push(PortConfig {
             name: p.name,
             kind: p.kind,
             mode: p.mode,
             socket: p.socket,
             queues: p.queues,
+            socket_perm: perm,
             file,
         });
     }
@@ -266,6 +335,41 @@ mod tests {
         assert_eq!(c.ports[1].mode, VhostMode::Client);
         assert_eq!(c.ports[1].queues, 2);
         assert!(c.ports[1].file.ends_with("ports.d/b.toml"));
+    }
+
+    #[test]
+    fn socket_permissions() {
+        let d = tmpdir("perm");
+        let main = write(&d, "main.toml", "[dataplane]\npmd_cores = [0]\n");
+        let port = |extra: &str| {
+            write(
+                &d,
+                "ports.d/p.toml",
+                &format!("name = \"p\"\ntype = \"vhost-user\"\nsocket = \"/tmp/p.sock\"\n{extra}"),
+            );
+            Config::load(&main)
+        };
+        let c = port("").unwrap();
+        assert_eq!(c.ports[0].socket_perm, SocketPerm::default());
+        let c = port("socket_mode = \"0600\"\nsocket_owner = \"root\"\nsocket_group = \"0\"\n")
+            .unwrap();
+        assert_eq!(
+            c.ports[0].socket_perm,
+            SocketPerm {
+                mode: 0o600,
+                uid: Some(0),
+                gid: Some(0)
+            }
+        );
+        for (extra, key) in [
+            ("socket_mode = \"rw-\"\n", "socket_mode"),
+            ("socket_mode = \"1777\"\n", "socket_mode"),
+            ("socket_owner = \"no-such-user-rs\"\n", "socket_owner"),
+            ("socket_group = \"no-such-group-rs\"\n", "socket_group"),
+        ] {
+            let e = port(extra).unwrap_err().to_string();
+            assert!(e.contains("p.toml") && e.contains(key), "{e}");
+        }
     }
 
     #[test]

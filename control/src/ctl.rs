@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use crate::switch::Switch;
 
 pub fn serve(path: &Path, sw: Arc<Switch>) -> anyhow::Result<()> {
-    let l = crate::switch::bind_socket(path).context("control socket")?;
+    let l = crate::switch::bind_socket(path, Default::default()).context("control socket")?;
     std::thread::Builder::new()
         .name("ctl".into())
         .spawn(move || {

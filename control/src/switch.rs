@@ -16,7 +16,7 @@ use dataplane::stats::QueueStats;
 use dataplane::{CoreId, PortId};
 use vhost::vhost_user::BackendReqHandler;
 
-use crate::config::{Config, PortConfig, PortKind, VhostMode};
+use crate::config::{Config, PortConfig, PortKind, SocketPerm, VhostMode};
 use crate::vhost_user::VhostUserDevice;
 
 /// What `ctl` can see of a port.
@@ -74,7 +74,7 @@ fn start_vhost_port(pc: &PortConfig, id: PortId, pmd: Arc<PmdHandle>) -> anyhow:
     )));
     let connected = Arc::new(AtomicBool::new(false));
     let listener = match pc.mode {
-        VhostMode::Server => Some(bind_socket(&pc.socket)?),
+        VhostMode::Server => Some(bind_socket(&pc.socket, pc.socket_perm)?),
         VhostMode::Client => None,
     };
     let (name, path, flag) = (pc.name.clone(), pc.socket.clone(), connected.clone());
@@ -101,7 +101,7 @@ fn start_vhost_port(pc: &PortConfig, id: PortId, pmd: Arc<PmdHandle>) -> anyhow:
 }
 
 /// Bind a server socket, replacing a stale file from a crashed run but never a live socket.
-pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+pub fn bind_socket(path: &Path, perm: SocketPerm) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
@@ -112,7 +112,11 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
         std::fs::remove_file(path).with_context(|| format!("remove stale {}", path.display()))?;
     }
     let l = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+    if perm.uid.is_some() || perm.gid.is_some() {
+        std::os::unix::fs::chown(path, perm.uid, perm.gid)
+            .with_context(|| format!("chown {}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(perm.mode))
         .with_context(|| format!("chmod {}", path.display()))?;
     Ok(l)
 }
@@ -184,5 +188,34 @@ pub fn serve_connection(
     match dev.lock() {
         Ok(mut d) => d.disconnect(),
         Err(p) => p.into_inner().disconnect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_get_their_mode_stale_ones_are_replaced_live_ones_kept() {
+        let dir = std::env::temp_dir().join(format!("rs-sock-{}", std::process::id()));
+        let path = dir.join("s.sock");
+        let perm = SocketPerm {
+            mode: 0o600,
+            uid: Some(0),
+            gid: None,
+        };
+        let l = bind_socket(&path, perm).unwrap();
+        let md = std::fs::metadata(&path).unwrap();
+        assert_eq!(md.permissions().mode() & 0o777, 0o600);
+        // Live: a second switch must not steal it.
+        let e = bind_socket(&path, perm).unwrap_err().to_string();
+        assert!(e.contains("in use"), "{e}");
+        // Stale (the listener is gone, the file stays, as after a crash): replaced.
+        drop(l);
+        assert!(path.exists());
+        let _l = bind_socket(&path, SocketPerm::default()).unwrap();
+        let md = std::fs::metadata(&path).unwrap();
+        assert_eq!(md.permissions().mode() & 0o777, 0o660);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
