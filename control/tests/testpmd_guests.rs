@@ -92,26 +92,19 @@ fn io_loop_flows_for_ten_seconds() {
 #[test]
 fn killed_guest_restarts_and_traffic_resumes() {
     let mut sw = Switch::start("restart", 2);
-    let start_b = |sw: &Switch| {
-        let b = Testpmd::start(
+    // A guest on switch port `port`, started and connected.
+    let start = |sw: &Switch, name: &str, port: usize, mode: &str| {
+        let g = Testpmd::start(
             &sw.dir,
-            "b",
-            &[Testpmd::virtio(0, &sw.sock(1))],
-            &["--forward-mode=rxonly", "--auto-start"],
+            name,
+            &[Testpmd::virtio(0, &sw.sock(port))],
+            &[mode, "--auto-start"],
         );
-        sw.wait_connected(1, true);
-        b
+        sw.wait_connected(port, true);
+        g
     };
-    let start_a = |sw: &Switch| {
-        let a = Testpmd::start(
-            &sw.dir,
-            "a",
-            &[Testpmd::virtio(0, &sw.sock(0))],
-            &["--forward-mode=txonly", "--auto-start"],
-        );
-        sw.wait_connected(0, true);
-        a
-    };
+    let start_b = |sw: &Switch| start(sw, "b", 1, "--forward-mode=rxonly");
+    let start_a = |sw: &Switch| start(sw, "a", 0, "--forward-mode=txonly");
     let delivered = |sw: &Switch| {
         sw.port(&sw.stats(), 1)["guest_rx"]["packets"]
             .as_u64()
