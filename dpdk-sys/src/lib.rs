@@ -1,3 +1,12 @@
-//! Raw FFI to DPDK. Only the crate skeleton exists so far: bindgen over `libdpdk` and the C shim
-//! for the static-inline hot functions arrive with DPDK poll-mode-driver ports. No safe API here.
-#![no_std]
+//! Raw FFI to DPDK 22.11: bindgen's output over `wrapper.h` plus the `rs_*` shim functions
+//! (shim.c) for the static-inline hot path. No safe API here: that is dataplane's `dpdk` module.
+#![allow(
+    non_upper_case_globals,
+    non_camel_case_types,
+    non_snake_case,
+    dead_code,
+    clippy::all,
+    clippy::undocumented_unsafe_blocks
+)]
+
+include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
