@@ -41,7 +41,7 @@ fn main() {
         .clang_args(&extra)
         .allowlist_function("rte_.*|rs_.*")
         .allowlist_type("rte_.*")
-        .allowlist_var("RTE_.*")
+        .allowlist_var("RTE_.*|SOCKET_ID_ANY|rs_.*")
         // Packed-and-aligned wire structs bindgen cannot lay out; ringswitch never reads them.
         .opaque_type("rte_arp_ipv4|rte_arp_hdr|rte_l2tpv2_combined_msg_hdr|rte_gtp_psc_generic_hdr")
         .derive_default(true)

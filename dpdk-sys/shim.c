@@ -25,6 +25,8 @@ void rs_pktmbuf_free(struct rte_mbuf *m)
 	rte_pktmbuf_free(m);
 }
 
+const uint64_t rs_rss_hf_ip_tcp_udp = RTE_ETH_RSS_IP | RTE_ETH_RSS_TCP | RTE_ETH_RSS_UDP;
+
 int rs_errno(void)
 {
 	return rte_errno;

@@ -11,5 +11,7 @@ uint16_t rs_eth_tx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, 
 int rs_pktmbuf_alloc_bulk(struct rte_mempool *mp, struct rte_mbuf **pkts, unsigned n);
 void rs_pktmbuf_free(struct rte_mbuf *m);
 int rs_errno(void);
+/* RTE_ETH_RSS_IP | _TCP | _UDP: function-like macros bindgen cannot evaluate. */
+extern const uint64_t rs_rss_hf_ip_tcp_udp;
 unsigned rs_lcore_id(void);
 #endif

@@ -6,6 +6,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod dpdk;
 pub mod guest_mem;
 pub mod l2;
 pub mod pmd;
