@@ -12,6 +12,7 @@ pub mod l2;
 pub mod pmd;
 pub mod port;
 pub mod stats;
+pub mod tap;
 pub mod tsc;
 pub mod virtq;
 
