@@ -304,6 +304,10 @@ impl EthDev {
         Ok(self)
     }
 
+    pub fn pool(&self) -> &Mempool {
+        &self.pool
+    }
+
     pub fn link(&self) -> Link {
         let mut l = sys::rte_eth_link::default();
         // SAFETY: valid port id and out-pointer; the nowait variant never blocks.
@@ -345,6 +349,10 @@ pub struct MbufBurst {
     m: [*mut sys::rte_mbuf; BURST],
     n: usize,
 }
+
+// SAFETY: the mbufs are owned exclusively by the burst; DPDK lets an mbuf be used and freed on
+// any thread (the pool is thread-safe), and a burst is used by one thread at a time (`&mut`).
+unsafe impl Send for MbufBurst {}
 
 impl Default for MbufBurst {
     fn default() -> Self {
@@ -436,7 +444,7 @@ impl MbufBurst {
         }
     }
 
-    /// Hand every mbuf to a TX queue; the ones it did not take are freed. Returns how many it took.
+    /// Hand every mbuf to a TX queue. Returns how many it took; the rest stay in the burst.
     #[inline]
     pub fn tx(&mut self, port: u16, queue: u16) -> usize {
         // SAFETY: the first n slots hold mbufs we own; the driver takes ownership of `sent`.
@@ -444,8 +452,17 @@ impl MbufBurst {
             as usize;
         self.m.copy_within(sent..self.n, 0);
         self.n -= sent;
-        self.free_all();
         sent
+    }
+
+    /// Frame bytes held (sum of `pkt_len`).
+    #[inline]
+    pub fn bytes(&self) -> u64 {
+        self.m[..self.n]
+            .iter()
+            // SAFETY: the first n slots hold valid mbufs we own.
+            .map(|&m| unsafe { (*m).pkt_len } as u64)
+            .sum()
     }
 
     /// Free every mbuf held.
@@ -532,7 +549,9 @@ mod tests {
             m.fill(60, |d| d.fill(i));
             out.push(m);
         }
+        assert_eq!(out.bytes(), 240);
         assert_eq!(out.tx(dev.port_id, 0), 4);
+        assert!(out.is_empty());
         let mut rx = MbufBurst::default();
         let n = rx.rx(dev.port_id, 0);
         assert!(n > 0);

@@ -1,11 +1,12 @@
 //! ringswitch dataplane: the hot path. PMD threads (pmd.rs) busy-poll split virtqueues
-//! (virtq/) over guest memory (guest_mem.rs), switch frames with an L2 learning table (l2.rs) and
-//! publish counters (stats.rs). No sockets, config parsing or logging inside the burst loop.
+//! (virtq/) over guest memory (guest_mem.rs), DPDK ports (dpdk.rs) and kernel taps (tap.rs),
+//! switch frames with an L2 learning table (l2.rs) and publish counters (stats.rs). No sockets, config parsing or logging inside the burst loop.
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod devport;
 pub mod dpdk;
 pub mod guest_mem;
 pub mod l2;

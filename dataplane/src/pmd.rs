@@ -1,6 +1,6 @@
-//! PMD threads: a pinned, busy-polling loop that takes bursts from every guest TX queue it owns,
-//! switches each frame by destination MAC and copies it straight into the destination guest's RX
-//! buffers. Control talks to a PMD only through a bounded command queue drained between bursts;
+//! PMD threads: a pinned, busy-polling loop that takes bursts from every port it owns (guest TX
+//! queues, DPDK RX queues, taps), switches each frame by destination MAC and copies it straight
+//! into the destination (a guest's RX buffers, an mbuf, a tap `writev`). Control talks to a PMD only through a bounded command queue drained between bursts;
 //! each command is acknowledged after the PMD applied it, which is the quiescent point control
 //! waits for before it answers GET_VRING_BASE, unmaps memory or tears a port down.
 
@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 
+use crate::dpdk::MbufBurst;
 use crate::l2::{is_multicast, MacTable};
-use crate::port::{deliver, Delivery, NetFeatures, RxScratch, VhostPortRt};
-use crate::stats::PmdStats;
+use crate::port::{Delivery, NetFeatures, PortRt, RxScratch};
+use crate::stats::{PmdStats, QueueStats};
+use crate::tap::{self, TapIo, TAP_HDR_LEN};
 use crate::virtq::copy::gather;
-use crate::virtq::{SegList, SplitRing};
+use crate::virtq::{Seg, SegList, SplitRing};
 use crate::{tsc, CoreId, PortId, QueueIdx, BURST, MAX_FRAME};
 
 /// Ports one PMD can hold; ids are dense indices below this.
@@ -39,7 +41,7 @@ pub enum PmdError {
 /// Something the PMD hands back to control, to be dropped (unmapped, closed) there.
 pub enum Returned {
     Ring(Box<SplitRing>),
-    Port(Box<VhostPortRt>),
+    Port(PortRt),
 }
 
 /// A one-shot acknowledgement from the PMD.
@@ -51,7 +53,7 @@ struct Reply {
 }
 
 enum Command {
-    AddPort(Box<VhostPortRt>, Arc<Reply>),
+    AddPort(PortRt, Arc<Reply>),
     RemovePort(PortId, Arc<Reply>),
     SetRing {
         port: PortId,
@@ -143,15 +145,16 @@ impl PmdHandle {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
-    pub fn add_port(&self, port: Box<VhostPortRt>) -> Result<(), PmdError> {
-        if port.id.0 as usize >= MAX_PORTS {
-            return Err(PmdError::PortId(port.id.0));
+    pub fn add_port(&self, port: impl Into<PortRt>) -> Result<(), PmdError> {
+        let port = port.into();
+        if port.id().0 as usize >= MAX_PORTS {
+            return Err(PmdError::PortId(port.id().0));
         }
         self.call(|r| Command::AddPort(port, r)).map(drop)
     }
 
     /// Detach a port; returns it (with any rings it still held) once the PMD let go of it.
-    pub fn remove_port(&self, port: PortId) -> Result<Option<Box<VhostPortRt>>, PmdError> {
+    pub fn remove_port(&self, port: PortId) -> Result<Option<PortRt>, PmdError> {
         Ok(match self.call(|r| Command::RemovePort(port, r))? {
             Some(Returned::Port(p)) => Some(p),
             _ => None,
@@ -193,16 +196,30 @@ impl Drop for PmdHandle {
 /// The PMD's own state; lives on the PMD thread only.
 struct Pmd {
     shared: Arc<Shared>,
+    fabric: Fabric,
+    /// The frame being switched, as segments (guest buffers, an mbuf chain or `tap_buf`).
+    src: Box<SegList>,
+    /// Frames received from a DPDK port, freed after each burst.
+    mbufs: MbufBurst,
+    tap_hdr: [u8; TAP_HDR_LEN],
+    tap_buf: Box<[u8]>,
+    /// The thread has a DPDK lcore id (mempool caches); done once the first DPDK port arrives.
+    dpdk_registered: bool,
+}
+
+/// Every port the PMD holds, as destinations, and the MAC table: what forwarding needs, apart
+/// from the source frame.
+struct Fabric {
     /// Indexed by PortId.
-    ports: Vec<Option<Box<VhostPortRt>>>,
+    ports: Vec<Option<PortRt>>,
     /// Ids of the ports present, in poll order (capacity MAX_PORTS: pushing never allocates).
     active: Vec<PortId>,
     macs: MacTable,
-    src: Box<SegList>,
     rx: RxScratch,
 }
 
-/// What happened to one frame taken from a guest.
+/// What happened to one frame taken from a port.
+#[derive(Clone, Copy)]
 enum Verdict {
     Forwarded,
     BadDescriptor,
@@ -212,15 +229,60 @@ enum Verdict {
     Undelivered,
 }
 
+/// A burst's verdicts, published to the source queue's counters once.
+#[derive(Default)]
+struct Tally {
+    by_verdict: [u64; 6],
+    packets: u64,
+    forwarded_bytes: u64,
+}
+
+impl Tally {
+    #[inline]
+    fn count(&mut self, v: Verdict, frame_len: u32) {
+        self.packets += 1;
+        self.by_verdict[v as usize] += 1;
+        if matches!(v, Verdict::Forwarded) {
+            self.forwarded_bytes += frame_len as u64;
+        }
+    }
+
+    #[inline]
+    fn publish(&self, s: &QueueStats) {
+        let c = &self.by_verdict;
+        s.add(&s.packets, self.packets);
+        s.add(&s.bytes, self.forwarded_bytes);
+        s.add(&s.forwarded, c[Verdict::Forwarded as usize]);
+        s.add(&s.drop_bad_descriptor, c[Verdict::BadDescriptor as usize]);
+        s.add(&s.drop_runt, c[Verdict::Runt as usize]);
+        s.add(&s.drop_too_big, c[Verdict::TooBig as usize]);
+        s.add(&s.drop_no_destination, c[Verdict::NoDestination as usize]);
+        s.add(&s.drop_undelivered, c[Verdict::Undelivered as usize]);
+    }
+}
+
+/// What one port contributes to a poll pass (copied out so the port is not borrowed meanwhile).
+enum PollPlan {
+    Vhost { tx_queues: usize },
+    Eth { dpdk_port: u16, rx_queues: u16 },
+    Tap { queues: usize },
+}
+
 impl Pmd {
     fn new(shared: Arc<Shared>) -> Pmd {
         Pmd {
             shared,
-            ports: (0..MAX_PORTS).map(|_| None).collect(),
-            active: Vec::with_capacity(MAX_PORTS),
-            macs: MacTable::new(MAC_TABLE_SIZE),
+            fabric: Fabric {
+                ports: (0..MAX_PORTS).map(|_| None).collect(),
+                active: Vec::with_capacity(MAX_PORTS),
+                macs: MacTable::new(MAC_TABLE_SIZE),
+                rx: RxScratch::default(),
+            },
             src: Box::default(),
-            rx: RxScratch::default(),
+            mbufs: MbufBurst::default(),
+            tap_hdr: [0; TAP_HDR_LEN],
+            tap_buf: vec![0u8; MAX_FRAME as usize + 1].into_boxed_slice(),
+            dpdk_registered: false,
         }
     }
 
@@ -255,22 +317,32 @@ impl Pmd {
 
     #[cold]
     fn apply(&mut self, cmd: Command) {
+        let f = &mut self.fabric;
         let (reply, back) = match cmd {
             Command::AddPort(port, reply) => {
-                let id = port.id;
-                self.macs.forget_port(id);
-                if let Some(slot) = self.ports.get_mut(id.0 as usize) {
+                if matches!(port, PortRt::Eth(_)) && !self.dpdk_registered {
+                    self.dpdk_registered = true;
+                    crate::dpdk::register_thread();
+                }
+                let id = port.id();
+                f.macs.forget_port(id);
+                if let Some(slot) = f.ports.get_mut(id.0 as usize) {
                     if slot.is_none() {
-                        self.active.push(id);
+                        f.active.push(id);
                     }
                     *slot = Some(port);
                 }
                 (reply, None)
             }
             Command::RemovePort(id, reply) => {
-                self.active.retain(|&p| p != id);
-                self.macs.forget_port(id);
-                let port = self.ports.get_mut(id.0 as usize).and_then(Option::take);
+                f.active.retain(|&p| p != id);
+                f.macs.forget_port(id);
+                let mut port = f.ports.get_mut(id.0 as usize).and_then(Option::take);
+                // Nothing the PMD queued may outlive its hold on the port.
+                if let Some(p) = port.as_mut() {
+                    p.flush();
+                }
+                f.rx.dirty.retain(|&p| p != id);
                 (reply, port.map(Returned::Port))
             }
             Command::SetRing {
@@ -280,15 +352,15 @@ impl Pmd {
                 ring,
                 reply,
             } => {
-                let back = match self.ports.get_mut(port.0 as usize).and_then(|p| p.as_mut()) {
-                    Some(p) => {
+                let back = match f.ports.get_mut(port.0 as usize) {
+                    Some(Some(PortRt::Vhost(p))) => {
                         p.features = features;
                         match p.slot(queue.0) {
                             Some(slot) => std::mem::replace(slot, ring),
                             None => ring,
                         }
                     }
-                    None => ring,
+                    _ => ring,
                 };
                 (reply, back.map(Returned::Ring))
             }
@@ -299,57 +371,77 @@ impl Pmd {
         reply.done.store(true, Ordering::Release);
     }
 
-    /// One pass over every guest TX queue; each burst's deliveries are published right after it.
+    /// One pass over every port's receive side (a guest's TX queues, a device's RX queues);
+    /// each burst's deliveries are published right after it.
     #[inline]
     fn poll_all(&mut self) -> usize {
         let mut moved = 0;
-        for i in 0..self.active.len() {
-            let id = self.active[i];
-            let pairs = self.ports[id.0 as usize].as_ref().map_or(0, |p| p.tx.len());
-            for q in 0..pairs {
-                // Take the ring out so the destinations can be borrowed mutably meanwhile.
-                let Some(mut ring) = self.port_mut(id).and_then(|p| p.tx[q].take()) else {
-                    continue;
-                };
-                moved += self.switch_burst(id, &mut ring);
-                if let Some(p) = self.port_mut(id) {
-                    p.tx[q] = Some(ring);
+        for i in 0..self.fabric.active.len() {
+            let id = self.fabric.active[i];
+            let plan = match self.fabric.port_mut(id) {
+                Some(PortRt::Vhost(p)) => PollPlan::Vhost {
+                    tx_queues: p.tx.len(),
+                },
+                Some(PortRt::Eth(p)) => PollPlan::Eth {
+                    dpdk_port: p.dev.port_id,
+                    rx_queues: p.rx_queues,
+                },
+                Some(PortRt::Tap(p)) => PollPlan::Tap {
+                    queues: p.queues.len(),
+                },
+                None => continue,
+            };
+            match plan {
+                PollPlan::Vhost { tx_queues } => {
+                    for q in 0..tx_queues {
+                        moved += self.vhost_burst(id, q);
+                        self.fabric.flush_dirty();
+                    }
                 }
-                self.flush_dirty();
+                PollPlan::Eth {
+                    dpdk_port,
+                    rx_queues,
+                } => {
+                    for q in 0..rx_queues {
+                        moved += self.eth_burst(id, dpdk_port, q);
+                        self.fabric.flush_dirty();
+                    }
+                }
+                PollPlan::Tap { queues } => {
+                    for q in 0..queues {
+                        moved += self.tap_burst(id, q);
+                        self.fabric.flush_dirty();
+                    }
+                }
             }
         }
         moved
     }
 
-    /// Publish the used entries written into destination RX rings: the sooner a guest sees
-    /// its frames, the sooner it refills and sends.
-    #[inline]
-    fn flush_dirty(&mut self) {
-        for id in self.rx.dirty.drain(..) {
-            if let Some(p) = self.ports[id.0 as usize].as_mut() {
-                p.rx_dirty = false;
-                for r in p.rx.iter_mut().flatten() {
-                    r.flush();
-                }
-            }
-        }
-    }
-
-    #[inline]
-    fn port_mut(&mut self, id: PortId) -> Option<&mut VhostPortRt> {
-        self.ports.get_mut(id.0 as usize)?.as_deref_mut()
-    }
-
     /// Take up to BURST frames from one guest TX queue and switch them.
     #[inline]
-    fn switch_burst(&mut self, src: PortId, ring: &mut SplitRing) -> usize {
+    fn vhost_burst(&mut self, src: PortId, q: usize) -> usize {
+        // Take the ring out so the destinations can be borrowed mutably meanwhile.
+        let (mut ring, hdr_len) = match self.fabric.port_mut(src) {
+            Some(PortRt::Vhost(p)) => match p.tx[q].take() {
+                Some(r) => (r, p.features.hdr_len as u32),
+                None => return 0,
+            },
+            _ => return 0,
+        };
+        let n = self.switch_ring(src, &mut ring, hdr_len);
+        if let Some(PortRt::Vhost(p)) = self.fabric.port_mut(src) {
+            p.tx[q] = Some(ring);
+        }
+        n
+    }
+
+    #[inline]
+    fn switch_ring(&mut self, src: PortId, ring: &mut SplitRing, hdr_len: u32) -> usize {
         let n = ring.avail_pending().min(BURST as u16);
         if n == 0 {
             return 0;
         }
-        let hdr_len = self.ports[src.0 as usize]
-            .as_ref()
-            .map_or(12, |p| p.features.hdr_len as u32);
         // Every descriptor and frame of the burst was written on the guest's core: start all
         // those cache misses together instead of taking them one frame at a time.
         let mut heads = [0u16; BURST];
@@ -361,45 +453,108 @@ impl Pmd {
         for &h in heads.iter() {
             ring.prefetch_data(h, hdr_len);
         }
-        let mut c = [0u64; 6];
-        let mut bytes = 0u64;
+        let mut tally = Tally::default();
         for &head in heads.iter() {
-            let v = self.switch_one(src, ring, head, hdr_len);
-            if matches!(v, Verdict::Forwarded) {
-                bytes += (self.src.total - hdr_len) as u64;
-            }
-            c[v as usize] += 1;
+            let (v, len) = if ring.walk_chain(head, false, &mut self.src).is_err() {
+                (Verdict::BadDescriptor, 0)
+            } else if self.src.total < hdr_len {
+                (Verdict::Runt, 0)
+            } else {
+                let len = self.src.total - hdr_len;
+                (self.fabric.forward(src, &self.src, hdr_len, len), len)
+            };
+            tally.count(v, len);
             ring.push_used(head, 0);
         }
         ring.advance(n);
         ring.flush();
-        let s = &ring.stats;
-        s.add(&s.packets, n as u64);
-        s.add(&s.bytes, bytes);
-        s.add(&s.forwarded, c[Verdict::Forwarded as usize]);
-        s.add(&s.drop_bad_descriptor, c[Verdict::BadDescriptor as usize]);
-        s.add(&s.drop_runt, c[Verdict::Runt as usize]);
-        s.add(&s.drop_too_big, c[Verdict::TooBig as usize]);
-        s.add(&s.drop_no_destination, c[Verdict::NoDestination as usize]);
-        s.add(&s.drop_undelivered, c[Verdict::Undelivered as usize]);
+        tally.publish(&ring.stats);
         n as usize
     }
 
+    /// Take up to BURST frames from one RX queue of a DPDK port and switch them.
     #[inline]
-    fn switch_one(&mut self, src: PortId, ring: &SplitRing, head: u16, hdr_len: u32) -> Verdict {
-        if ring.walk_chain(head, false, &mut self.src).is_err() {
-            return Verdict::BadDescriptor;
+    fn eth_burst(&mut self, src: PortId, dpdk_port: u16, q: u16) -> usize {
+        let n = self.mbufs.rx(dpdk_port, q);
+        if n == 0 {
+            return 0;
         }
-        let total = self.src.total;
-        if total < hdr_len + 14 {
+        let mut tally = Tally::default();
+        for i in 0..n {
+            let len = self.mbufs.segs(i, &mut self.src);
+            let v = self.fabric.forward(src, &self.src, 0, len);
+            tally.count(v, len);
+        }
+        self.mbufs.free_all();
+        if let Some(PortRt::Eth(p)) = self.fabric.port_mut(src) {
+            if let Some(s) = p.from_port.get(q as usize) {
+                tally.publish(s);
+            }
+        }
+        n
+    }
+
+    /// Read up to BURST frames from one tap queue (one `readv` each) and switch them.
+    #[inline]
+    fn tap_burst(&mut self, src: PortId, q: usize) -> usize {
+        let fd = match self.fabric.port_mut(src) {
+            Some(PortRt::Tap(p)) => match p.queues.get(q) {
+                Some(t) => t.fd(),
+                None => return 0,
+            },
+            _ => return 0,
+        };
+        let mut tally = Tally::default();
+        while (tally.packets as usize) < BURST {
+            let TapIo::Done(len) = tap::read_frame(fd, &mut self.tap_hdr, &mut self.tap_buf) else {
+                break;
+            };
+            self.src.segs[0] = Seg {
+                ptr: self.tap_buf.as_mut_ptr(),
+                len,
+            };
+            self.src.n = 1;
+            self.src.total = len;
+            let v = self.fabric.forward(src, &self.src, 0, len);
+            tally.count(v, len);
+        }
+        if let Some(PortRt::Tap(p)) = self.fabric.port_mut(src) {
+            if let Some(s) = p.from_port.get(q) {
+                tally.publish(s);
+            }
+        }
+        tally.packets as usize
+    }
+}
+
+impl Fabric {
+    #[inline]
+    fn port_mut(&mut self, id: PortId) -> Option<&mut PortRt> {
+        self.ports.get_mut(id.0 as usize)?.as_mut()
+    }
+
+    /// Publish what the last burst queued at its destinations: the sooner a guest sees its
+    /// frames, the sooner it refills and sends.
+    #[inline]
+    fn flush_dirty(&mut self) {
+        for id in self.rx.dirty.drain(..) {
+            if let Some(p) = self.ports[id.0 as usize].as_mut() {
+                p.flush();
+            }
+        }
+    }
+
+    /// Switch one frame, `frame[skip..]` (`frame_len` bytes), that arrived on port `src`.
+    #[inline]
+    fn forward(&mut self, src: PortId, frame: &SegList, skip: u32, frame_len: u32) -> Verdict {
+        if frame_len < 14 {
             return Verdict::Runt;
         }
-        let frame_len = total - hdr_len;
         if frame_len > MAX_FRAME {
             return Verdict::TooBig;
         }
         let mut eth = [0u8; 12];
-        gather(&self.src, hdr_len, &mut eth);
+        gather(frame, skip, &mut eth);
         let (dst_mac, src_mac) = eth.split_at(6);
         self.macs.learn(src_mac, src);
 
@@ -408,14 +563,10 @@ impl Pmd {
                 if dst == src {
                     return Verdict::NoDestination;
                 }
-                let Some(port) = self
-                    .ports
-                    .get_mut(dst.0 as usize)
-                    .and_then(|p| p.as_deref_mut())
-                else {
+                let Some(port) = self.ports.get_mut(dst.0 as usize).and_then(|p| p.as_mut()) else {
                     return Verdict::NoDestination;
                 };
-                return match deliver(port, &self.src, hdr_len, frame_len, &mut self.rx) {
+                return match port.deliver(frame, skip, frame_len, &mut self.rx) {
                     Delivery::Delivered => Verdict::Forwarded,
                     Delivery::NoQueue => Verdict::NoDestination,
                     Delivery::Refused => Verdict::Undelivered,
@@ -429,10 +580,10 @@ impl Pmd {
             if id == src {
                 continue;
             }
-            let Some(port) = self.ports[id.0 as usize].as_deref_mut() else {
+            let Some(port) = self.ports[id.0 as usize].as_mut() else {
                 continue;
             };
-            match deliver(port, &self.src, hdr_len, frame_len, &mut self.rx) {
+            match port.deliver(frame, skip, frame_len, &mut self.rx) {
                 Delivery::Delivered => delivered = true,
                 Delivery::Refused => refused = true,
                 Delivery::NoQueue => {}
@@ -449,6 +600,7 @@ impl Pmd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::port::VhostPortRt;
     use crate::virtq::mock::MockGuest;
     use crate::virtq::VIRTQ_DESC_F_NEXT;
 
@@ -485,7 +637,7 @@ mod tests {
             p.rx[0] = Some(Box::new(g.rx.ring(false)));
             p.tx[0] = Some(Box::new(g.tx.ring(false)));
             pmd.apply(Command::AddPort(
-                p,
+                p.into(),
                 Arc::new(Reply {
                     done: AtomicBool::new(false),
                     returned: ArrayQueue::new(1),
@@ -497,7 +649,9 @@ mod tests {
     }
 
     fn stats(pmd: &Pmd, port: usize, tx: bool) -> crate::stats::QueueCounters {
-        let p = pmd.ports[port].as_ref().unwrap();
+        let Some(PortRt::Vhost(p)) = pmd.fabric.ports[port].as_ref() else {
+            panic!("port {port} is not a vhost port")
+        };
         let r = if tx { &p.tx[0] } else { &p.rx[0] };
         r.as_ref().unwrap().stats.snapshot()
     }

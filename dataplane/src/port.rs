@@ -1,7 +1,9 @@
-//! A vhost-user port as its PMD holds it: the guest's RX and TX virtqueues and the negotiated
-//! net features, plus delivery of one frame into the guest's RX buffers (mergeable or not).
-//! Built by control, moved into the PMD, handed back to control for teardown.
+//! Ports as their PMD holds them (`PortRt`), and the vhost-user kind in full: the guest's RX and
+//! TX virtqueues and the negotiated net features, plus delivery of one frame into the guest's RX
+//! buffers (mergeable or not). Built by control, moved into the PMD, handed back to control for
+//! teardown. Device-backed kinds (DPDK, tap) live in devport.rs.
 
+use crate::devport::{EthPortRt, TapPortRt};
 use crate::virtq::copy::Writer;
 use crate::virtq::{SegList, SplitRing};
 use crate::PortId;
@@ -64,6 +66,73 @@ impl VhostPortRt {
             .iter_mut()
             .chain(self.tx.iter_mut())
             .filter_map(Option::take)
+    }
+}
+
+/// Any port a PMD can poll and deliver to.
+pub enum PortRt {
+    Vhost(Box<VhostPortRt>),
+    Eth(Box<EthPortRt>),
+    Tap(Box<TapPortRt>),
+}
+
+impl From<Box<VhostPortRt>> for PortRt {
+    fn from(p: Box<VhostPortRt>) -> Self {
+        PortRt::Vhost(p)
+    }
+}
+
+impl From<Box<EthPortRt>> for PortRt {
+    fn from(p: Box<EthPortRt>) -> Self {
+        PortRt::Eth(p)
+    }
+}
+
+impl From<Box<TapPortRt>> for PortRt {
+    fn from(p: Box<TapPortRt>) -> Self {
+        PortRt::Tap(p)
+    }
+}
+
+impl PortRt {
+    pub fn id(&self) -> PortId {
+        match self {
+            PortRt::Vhost(p) => p.id,
+            PortRt::Eth(p) => p.id,
+            PortRt::Tap(p) => p.id,
+        }
+    }
+
+    /// Offer the frame `src[skip..]` (`frame_len` bytes). Deliveries that are only queued (guest
+    /// used entries, mbufs) list the port in `scratch.dirty` for the caller to flush.
+    #[inline]
+    pub fn deliver(
+        &mut self,
+        src: &SegList,
+        skip: u32,
+        frame_len: u32,
+        scratch: &mut RxScratch,
+    ) -> Delivery {
+        match self {
+            PortRt::Vhost(p) => deliver(p, src, skip, frame_len, scratch),
+            PortRt::Eth(p) => p.deliver(src, skip, frame_len, &mut scratch.dirty),
+            PortRt::Tap(p) => p.deliver(src, skip),
+        }
+    }
+
+    /// Publish what `deliver` queued.
+    #[inline]
+    pub fn flush(&mut self) {
+        match self {
+            PortRt::Vhost(p) => {
+                p.rx_dirty = false;
+                for r in p.rx.iter_mut().flatten() {
+                    r.flush();
+                }
+            }
+            PortRt::Eth(p) => p.flush(),
+            PortRt::Tap(_) => {}
+        }
     }
 }
 

@@ -4,9 +4,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Per-virtqueue counters, on their own cache line so PMDs never false-share them with control.
-/// For a guest TX queue (odd index) `packets` are frames the switch took from the guest; for a
-/// guest RX queue (even) they are frames delivered into the guest.
+/// Per-queue counters, on their own cache line so PMDs never false-share them with control.
+/// A port's queues come in pairs: odd entries count frames the switch took from the port (a
+/// guest's TX queue, a device's RX queue), even ones frames it delivered into the port (a
+/// guest's RX queue, a device's TX queue).
 #[repr(align(64))]
 #[derive(Default, Debug)]
 pub struct QueueStats {
@@ -28,6 +29,12 @@ pub struct QueueStats {
     /// TX queue: every destination refused the frame; the reason is counted on the destination's
     /// RX queue (`drop_no_rx_buffer`, `drop_too_big`, `drop_bad_descriptor`).
     pub drop_undelivered: AtomicU64,
+    /// Device port: no free mbuf to copy the frame into (the pool is exhausted).
+    pub drop_no_mbuf: AtomicU64,
+    /// Device port: its TX queue was full (DPDK TX ring, or the tap's queue: EAGAIN).
+    pub drop_tx_full: AtomicU64,
+    /// Tap port: the kernel refused the frame (link down, …).
+    pub drop_tx_error: AtomicU64,
     /// Call-eventfd writes (interrupts injected into the guest).
     pub guest_notifications: AtomicU64,
     /// 1 once the guest corrupted the ring (avail index jumped); cleared by a device reset.
@@ -53,6 +60,9 @@ impl QueueStats {
             drop_too_big: l(&self.drop_too_big),
             drop_no_destination: l(&self.drop_no_destination),
             drop_undelivered: l(&self.drop_undelivered),
+            drop_no_mbuf: l(&self.drop_no_mbuf),
+            drop_tx_full: l(&self.drop_tx_full),
+            drop_tx_error: l(&self.drop_tx_error),
             guest_notifications: l(&self.guest_notifications),
             ring_broken: l(&self.ring_broken),
         }
@@ -71,6 +81,9 @@ pub struct QueueCounters {
     pub drop_too_big: u64,
     pub drop_no_destination: u64,
     pub drop_undelivered: u64,
+    pub drop_no_mbuf: u64,
+    pub drop_tx_full: u64,
+    pub drop_tx_error: u64,
     pub guest_notifications: u64,
     pub ring_broken: u64,
 }
@@ -87,6 +100,9 @@ impl QueueCounters {
         self.drop_too_big += o.drop_too_big;
         self.drop_no_destination += o.drop_no_destination;
         self.drop_undelivered += o.drop_undelivered;
+        self.drop_no_mbuf += o.drop_no_mbuf;
+        self.drop_tx_full += o.drop_tx_full;
+        self.drop_tx_error += o.drop_tx_error;
         self.guest_notifications += o.guest_notifications;
         self.ring_broken += o.ring_broken;
     }
@@ -98,6 +114,9 @@ impl QueueCounters {
             + self.drop_too_big
             + self.drop_no_destination
             + self.drop_undelivered
+            + self.drop_no_mbuf
+            + self.drop_tx_full
+            + self.drop_tx_error
     }
 }
 

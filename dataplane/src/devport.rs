@@ -1,0 +1,139 @@
+//! Ports backed by a device rather than a guest: a DPDK Ethernet port (`EthPortRt`) and a kernel
+//! tap (`TapPortRt`), as their PMD holds them. Control builds them around an opened device and
+//! moves them into the PMD; the PMD hands them back for closing. Delivery into them runs on the
+//! PMD: one copy into an mbuf (DPDK), or a `writev` straight from the source buffers (tap).
+
+use std::sync::Arc;
+
+use crate::dpdk::{EthDev, MbufBurst};
+use crate::port::Delivery;
+use crate::stats::QueueStats;
+use crate::tap::{self, Tap, TapIo};
+use crate::virtq::copy::gather;
+use crate::virtq::SegList;
+use crate::PortId;
+
+pub struct EthPortRt {
+    pub id: PortId,
+    pub dev: EthDev,
+    /// RX queues this PMD polls.
+    pub rx_queues: u16,
+    /// The TX queue this PMD sends on.
+    pub tx_queue: u16,
+    /// Fresh mbufs from the port's pool, taken in bulk.
+    fresh: MbufBurst,
+    /// Filled mbufs waiting for the end of the burst.
+    pending: MbufBurst,
+    /// Listed in `RxScratch::dirty`: `pending` is not empty.
+    pub dirty: bool,
+    /// Frames sent into the port (its TX side).
+    pub to_port: Arc<QueueStats>,
+    /// Per RX queue: frames taken from the port.
+    pub from_port: Box<[Arc<QueueStats>]>,
+}
+
+impl EthPortRt {
+    pub fn new(
+        id: PortId,
+        dev: EthDev,
+        rx_queues: u16,
+        tx_queue: u16,
+        to_port: Arc<QueueStats>,
+        from_port: Box<[Arc<QueueStats>]>,
+    ) -> Box<EthPortRt> {
+        Box::new(EthPortRt {
+            id,
+            dev,
+            rx_queues,
+            tx_queue,
+            fresh: MbufBurst::default(),
+            pending: MbufBurst::default(),
+            dirty: false,
+            to_port,
+            from_port,
+        })
+    }
+
+    /// Copy the frame `src[skip..]` into a fresh mbuf and queue it for `flush`. The port is
+    /// listed in `dirty` the first time it gets a frame after a flush.
+    #[inline]
+    pub fn deliver(
+        &mut self,
+        src: &SegList,
+        skip: u32,
+        frame_len: u32,
+        dirty: &mut Vec<PortId>,
+    ) -> Delivery {
+        let s = &self.to_port;
+        if frame_len > self.dev.pool().frame_room {
+            s.add(&s.drop_too_big, 1);
+            return Delivery::Refused;
+        }
+        if !self.fresh.refill(self.dev.pool()) {
+            s.add(&s.drop_no_mbuf, 1);
+            return Delivery::Refused;
+        }
+        let Some(mut m) = self.fresh.pop() else {
+            s.add(&s.drop_no_mbuf, 1);
+            return Delivery::Refused;
+        };
+        m.fill(frame_len, |d| {
+            gather(src, skip, d);
+        });
+        if self.pending.is_full() {
+            self.flush();
+        }
+        self.pending.push(m);
+        if !self.dirty {
+            self.dirty = true;
+            dirty.push(self.id);
+        }
+        Delivery::Delivered
+    }
+
+    /// Hand the queued frames to the device; what its TX ring cannot take is freed and counted.
+    #[inline]
+    pub fn flush(&mut self) {
+        self.dirty = false;
+        if self.pending.is_empty() {
+            return;
+        }
+        let queued = self.pending.len();
+        let queued_bytes = self.pending.bytes();
+        let sent = self.pending.tx(self.dev.port_id, self.tx_queue);
+        let unsent_bytes = self.pending.bytes();
+        self.pending.free_all();
+        let s = &self.to_port;
+        s.add(&s.packets, sent as u64);
+        s.add(&s.bytes, queued_bytes - unsent_bytes);
+        s.add(&s.drop_tx_full, (queued - sent) as u64);
+    }
+}
+
+pub struct TapPortRt {
+    pub id: PortId,
+    /// Queue 0 is written; every queue is read (the kernel spreads its frames over them).
+    pub queues: Box<[Tap]>,
+    pub to_port: Arc<QueueStats>,
+    pub from_port: Box<[Arc<QueueStats>]>,
+}
+
+impl TapPortRt {
+    #[inline]
+    pub fn deliver(&mut self, src: &SegList, skip: u32) -> Delivery {
+        let s = &self.to_port;
+        let Some(q) = self.queues.first() else {
+            return Delivery::NoQueue;
+        };
+        match tap::write_frame(q.fd(), src, skip) {
+            TapIo::Done(n) => {
+                s.add(&s.packets, 1);
+                s.add(&s.bytes, n as u64);
+                return Delivery::Delivered;
+            }
+            TapIo::WouldBlock => s.add(&s.drop_tx_full, 1),
+            TapIo::Error => s.add(&s.drop_tx_error, 1),
+        }
+        Delivery::Refused
+    }
+}
