@@ -42,7 +42,12 @@ struct DataplaneSection {
     control_socket: PathBuf,
     /// Folder of per-port files, relative to the main file. Default: `ports.d` if it exists.
     ports_dir: Option<PathBuf>,
+    /// DPDK EAL arguments, used only if a `dpdk` port exists. Default: DEFAULT_EAL_ARGS.
+    eal_args: Option<Vec<String>>,
 }
+
+/// No hugepage files or shared config left behind, and a runtime directory of our own.
+pub const DEFAULT_EAL_ARGS: &[&str] = &["--in-memory", "--file-prefix=ringswitch"];
 
 fn default_ctl() -> PathBuf {
     PathBuf::from("/run/ringswitch/ctl.sock")
@@ -53,17 +58,24 @@ fn default_ctl() -> PathBuf {
 struct PortSection {
     name: String,
     #[serde(rename = "type")]
-    kind: PortKind,
-    #[serde(default)]
-    mode: VhostMode,
-    socket: PathBuf,
+    kind: PortType,
     #[serde(default = "one")]
     queues: u16,
+    // vhost-user
+    mode: Option<VhostMode>,
+    socket: Option<PathBuf>,
     /// Server mode: permissions of the socket file, octal (default "0660").
     socket_mode: Option<String>,
     /// Server mode: owner and group of the socket file, by name or number (default: unchanged).
     socket_owner: Option<String>,
     socket_group: Option<String>,
+    // dpdk
+    devargs: Option<String>,
+    mtu: Option<u16>,
+    rx_descriptors: Option<u16>,
+    tx_descriptors: Option<u16>,
+    // tap
+    ifname: Option<String>,
 }
 
 /// Who may connect to a socket ringswitch creates.
@@ -107,10 +119,42 @@ fn one() -> u16 {
     1
 }
 
+/// The `type` key of a port.
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
-pub enum PortKind {
+pub enum PortType {
     VhostUser,
+    Dpdk,
+    Tap,
+}
+
+impl PortType {
+    fn name(self) -> &'static str {
+        match self {
+            PortType::VhostUser => "vhost-user",
+            PortType::Dpdk => "dpdk",
+            PortType::Tap => "tap",
+        }
+    }
+}
+
+/// A validated port of one kind, with what only that kind has.
+#[derive(Debug, Clone)]
+pub enum PortKind {
+    VhostUser {
+        mode: VhostMode,
+        socket: PathBuf,
+        socket_perm: SocketPerm,
+    },
+    Dpdk {
+        devargs: String,
+        mtu: Option<u16>,
+        rx_desc: u16,
+        tx_desc: u16,
+    },
+    Tap {
+        ifname: String,
+    },
 }
 
 /// Server: ringswitch creates the socket and the frontend connects. Client: ringswitch connects
@@ -128,20 +172,24 @@ pub enum VhostMode {
 pub struct Config {
     pub pmd_cores: Vec<usize>,
     pub control_socket: PathBuf,
+    pub eal_args: Vec<String>,
     pub ports: Vec<PortConfig>,
 }
 
 #[derive(Debug, Clone)]
 pub struct PortConfig {
     pub name: String,
-    pub kind: PortKind,
-    pub mode: VhostMode,
-    pub socket: PathBuf,
+    /// Queue pairs (vhost-user), RX and TX queues (dpdk), queues (tap).
     pub queues: u16,
-    pub socket_perm: SocketPerm,
+    pub kind: PortKind,
     /// The file it came from, for error messages.
     pub file: PathBuf,
 }
+
+/// Descriptors per DPDK queue unless the port file says otherwise.
+pub const DEFAULT_DPDK_DESC: u16 = 1024;
+/// Largest MTU a DPDK port may be given: its frames must fit one mbuf.
+pub const MAX_DPDK_MTU: u16 = 9600;
 
 /// Most queue pairs a vhost-user port may ask for (as DPDK's VHOST_MAX_QUEUE_PAIRS).
 pub const MAX_QUEUE_PAIRS: u16 = 128;
@@ -228,6 +276,7 @@ fn validate(
     }
     let mut names = HashSet::new();
     let mut sockets = HashSet::new();
+    let mut devices = HashSet::new();
     let mut out = Vec::new();
     for (p, file) in ports {
         if p.name.is_empty() || p.name.len() > 64 || p.name.chars().any(|c| c.is_whitespace()) {
@@ -244,52 +293,122 @@ fn validate(
                 format!("port {:?} is defined twice", p.name),
             ));
         }
-        if !sockets.insert(p.socket.clone()) {
-            return Err(invalid(
-                &file,
-                "socket",
-                format!("{} is used by two ports", p.socket.display()),
-            ));
-        }
         if p.queues == 0 || p.queues > MAX_QUEUE_PAIRS {
             return Err(invalid(
                 &file,
                 "queues",
-                format!("{} queue pairs: must be 1..={MAX_QUEUE_PAIRS}", p.queues),
+                format!("{} queues: must be 1..={MAX_QUEUE_PAIRS}", p.queues),
             ));
         }
-        let mut perm = SocketPerm::default();
-        if let Some(m) = &p.socket_mode {
-            perm.mode = u32::from_str_radix(m.trim_start_matches("0o"), 8)
-                .ok()
-                .filter(|&m| m <= 0o777)
-                .ok_or_else(|| {
-                    invalid(
+        // Keys of another port type are mistakes, not options to ignore.
+        let owned_keys = [
+            ("mode", p.mode.is_some(), PortType::VhostUser),
+            ("socket", p.socket.is_some(), PortType::VhostUser),
+            ("socket_mode", p.socket_mode.is_some(), PortType::VhostUser),
+            (
+                "socket_owner",
+                p.socket_owner.is_some(),
+                PortType::VhostUser,
+            ),
+            (
+                "socket_group",
+                p.socket_group.is_some(),
+                PortType::VhostUser,
+            ),
+            ("devargs", p.devargs.is_some(), PortType::Dpdk),
+            ("mtu", p.mtu.is_some(), PortType::Dpdk),
+            ("rx_descriptors", p.rx_descriptors.is_some(), PortType::Dpdk),
+            ("tx_descriptors", p.tx_descriptors.is_some(), PortType::Dpdk),
+            ("ifname", p.ifname.is_some(), PortType::Tap),
+        ];
+        if let Some((key, _, _)) = owned_keys.iter().find(|(_, set, t)| *set && *t != p.kind) {
+            return Err(invalid(
+                &file,
+                key,
+                format!("does not apply to a {} port", p.kind.name()),
+            ));
+        }
+        let required = |key: &str, v: Option<String>| {
+            v.filter(|v| !v.is_empty())
+                .ok_or_else(|| invalid(&file, key, format!("a {} port needs it", p.kind.name())))
+        };
+        let kind = match p.kind {
+            PortType::VhostUser => {
+                let socket_perm = socket_perm(&p, &file)?;
+                let socket = PathBuf::from(required(
+                    "socket",
+                    p.socket.map(|s| s.display().to_string()),
+                )?);
+                if !sockets.insert(socket.clone()) {
+                    return Err(invalid(
                         &file,
-                        "socket_mode",
-                        format!("{m:?} is not an octal mode like \"0660\""),
-                    )
-                })?;
-        }
-        if let Some(o) = &p.socket_owner {
-            perm.uid = Some(
-                resolve_id(o, false)
-                    .ok_or_else(|| invalid(&file, "socket_owner", format!("no user {o:?}")))?,
-            );
-        }
-        if let Some(g) = &p.socket_group {
-            perm.gid = Some(
-                resolve_id(g, true)
-                    .ok_or_else(|| invalid(&file, "socket_group", format!("no group {g:?}")))?,
-            );
-        }
+                        "socket",
+                        format!("{} is used by two ports", socket.display()),
+                    ));
+                }
+                PortKind::VhostUser {
+                    mode: p.mode.unwrap_or_default(),
+                    socket,
+                    socket_perm,
+                }
+            }
+            PortType::Dpdk => {
+                let devargs = required("devargs", p.devargs)?;
+                let dev = devargs.split(',').next().unwrap_or_default().to_owned();
+                if !devices.insert(dev.clone()) {
+                    return Err(invalid(
+                        &file,
+                        "devargs",
+                        format!("device {dev:?} is used by two ports"),
+                    ));
+                }
+                if let Some(m) = p.mtu.filter(|m| !(68..=MAX_DPDK_MTU).contains(m)) {
+                    return Err(invalid(
+                        &file,
+                        "mtu",
+                        format!("{m}: must be 68..={MAX_DPDK_MTU}"),
+                    ));
+                }
+                let desc = |key: &str, v: Option<u16>| match v {
+                    Some(n) if !(32..=32768).contains(&n) || !n.is_power_of_two() => Err(invalid(
+                        &file,
+                        key,
+                        format!("{n}: must be a power of two in 32..=32768"),
+                    )),
+                    v => Ok(v.unwrap_or(DEFAULT_DPDK_DESC)),
+                };
+                PortKind::Dpdk {
+                    devargs,
+                    mtu: p.mtu,
+                    rx_desc: desc("rx_descriptors", p.rx_descriptors)?,
+                    tx_desc: desc("tx_descriptors", p.tx_descriptors)?,
+                }
+            }
+            PortType::Tap => {
+                let ifname = required("ifname", p.ifname)?;
+                if ifname.len() >= 16 || ifname.contains(['/', ' ', '\0']) {
+                    return Err(invalid(
+                        &file,
+                        "ifname",
+                        format!(
+                            "{ifname:?} is not an interface name (1..=15 bytes, no '/' or spaces)"
+                        ),
+                    ));
+                }
+                if !devices.insert(ifname.clone()) {
+                    return Err(invalid(
+                        &file,
+                        "ifname",
+                        format!("{ifname:?} is used by two ports"),
+                    ));
+                }
+                PortKind::Tap { ifname }
+            }
+        };
         out.push(PortConfig {
             name: p.name,
-            kind: p.kind,
-            mode: p.mode,
-            socket: p.socket,
             queues: p.queues,
-            socket_perm: perm,
+            kind,
             file,
         });
     }
@@ -303,8 +422,45 @@ fn validate(
     Ok(Config {
         pmd_cores: dp.pmd_cores,
         control_socket: dp.control_socket,
+        eal_args: dp
+            .eal_args
+            .unwrap_or_else(|| DEFAULT_EAL_ARGS.iter().map(|a| a.to_string()).collect()),
         ports: out,
     })
+}
+
+/// Owner, group and mode of a server-mode vhost-user socket.
+fn socket_perm(p: &PortSection, file: &Path) -> Result<SocketPerm, ConfigError> {
+    let invalid = |key: &str, message: String| ConfigError::Invalid {
+        file: file.to_owned(),
+        key: key.to_owned(),
+        message,
+    };
+    let mut perm = SocketPerm::default();
+    if let Some(m) = &p.socket_mode {
+        perm.mode = u32::from_str_radix(m.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|&m| m <= 0o777)
+            .ok_or_else(|| {
+                invalid(
+                    "socket_mode",
+                    format!("{m:?} is not an octal mode like \"0660\""),
+                )
+            })?;
+    }
+    if let Some(o) = &p.socket_owner {
+        perm.uid = Some(
+            resolve_id(o, false)
+                .ok_or_else(|| invalid("socket_owner", format!("no user {o:?}")))?,
+        );
+    }
+    if let Some(g) = &p.socket_group {
+        perm.gid = Some(
+            resolve_id(g, true)
+                .ok_or_else(|| invalid("socket_group", format!("no group {g:?}")))?,
+        );
+    }
+    Ok(perm)
 }
 
 #[cfg(test)]
@@ -332,7 +488,13 @@ mod tests {
         write(&d, "ports.d/b.toml", "name = \"b\"\ntype = \"vhost-user\"\nmode = \"client\"\nsocket = \"/tmp/b.sock\"\nqueues = 2\n");
         let c = Config::load(&main).unwrap();
         assert_eq!(c.ports.len(), 2);
-        assert_eq!(c.ports[1].mode, VhostMode::Client);
+        assert!(matches!(
+            c.ports[1].kind,
+            PortKind::VhostUser {
+                mode: VhostMode::Client,
+                ..
+            }
+        ));
         assert_eq!(c.ports[1].queues, 2);
         assert!(c.ports[1].file.ends_with("ports.d/b.toml"));
     }
@@ -350,11 +512,15 @@ mod tests {
             Config::load(&main)
         };
         let c = port("").unwrap();
-        assert_eq!(c.ports[0].socket_perm, SocketPerm::default());
+        let perm = |c: &Config| match c.ports[0].kind {
+            PortKind::VhostUser { socket_perm, .. } => socket_perm,
+            _ => panic!("not vhost-user"),
+        };
+        assert_eq!(perm(&c), SocketPerm::default());
         let c = port("socket_mode = \"0600\"\nsocket_owner = \"root\"\nsocket_group = \"0\"\n")
             .unwrap();
         assert_eq!(
-            c.ports[0].socket_perm,
+            perm(&c),
             SocketPerm {
                 mode: 0o600,
                 uid: Some(0),
@@ -369,6 +535,88 @@ mod tests {
         ] {
             let e = port(extra).unwrap_err().to_string();
             assert!(e.contains("p.toml") && e.contains(key), "{e}");
+        }
+    }
+
+    #[test]
+    fn dpdk_and_tap_ports() {
+        let d = tmpdir("dev");
+        let main = write(
+            &d,
+            "main.toml",
+            "[dataplane]\npmd_cores = [0]\neal_args = [\"--no-huge\"]\n",
+        );
+        write(&d, "ports.d/a.toml", "name = \"up\"\ntype = \"dpdk\"\ndevargs = \"net_af_packet0,iface=veth1\"\nqueues = 2\nmtu = 9000\nrx_descriptors = 512\n");
+        write(
+            &d,
+            "ports.d/b.toml",
+            "name = \"host\"\ntype = \"tap\"\nifname = \"rs-host\"\n",
+        );
+        let c = Config::load(&main).unwrap();
+        assert_eq!(c.eal_args, ["--no-huge"]);
+        match &c.ports[0].kind {
+            PortKind::Dpdk {
+                devargs,
+                mtu,
+                rx_desc,
+                tx_desc,
+            } => {
+                assert_eq!(devargs, "net_af_packet0,iface=veth1");
+                assert_eq!(
+                    (*mtu, *rx_desc, *tx_desc),
+                    (Some(9000), 512, DEFAULT_DPDK_DESC)
+                );
+            }
+            k => panic!("{k:?}"),
+        }
+        assert!(matches!(&c.ports[1].kind, PortKind::Tap { ifname } if ifname == "rs-host"));
+
+        for (file, text, key) in [
+            ("a.toml", "name = \"up\"\ntype = \"dpdk\"\n", "devargs"),
+            (
+                "a.toml",
+                "name = \"up\"\ntype = \"dpdk\"\ndevargs = \"net_null0\"\nsocket = \"/tmp/s\"\n",
+                "socket",
+            ),
+            (
+                "a.toml",
+                "name = \"up\"\ntype = \"dpdk\"\ndevargs = \"net_null0\"\nmtu = 20000\n",
+                "mtu",
+            ),
+            (
+                "a.toml",
+                "name = \"up\"\ntype = \"dpdk\"\ndevargs = \"net_null0\"\ntx_descriptors = 1000\n",
+                "tx_descriptors",
+            ),
+            (
+                "a.toml",
+                "name = \"up\"\ntype = \"dpdk\"\ndevargs = \"net_null0,size=64\"\n",
+                "",
+            ),
+            (
+                "a.toml",
+                "name = \"up\"\ntype = \"tap\"\nifname = \"a-name-far-too-long\"\n",
+                "ifname",
+            ),
+            (
+                "a.toml",
+                "name = \"up\"\ntype = \"tap\"\nifname = \"rs-host\"\n",
+                "b.toml: ifname",
+            ),
+            (
+                "b.toml",
+                "name = \"host\"\ntype = \"vhost-user\"\nsocket = \"/tmp/h\"\nifname = \"x\"\n",
+                "ifname",
+            ),
+        ] {
+            write(&d, &format!("ports.d/{file}"), text);
+            let r = Config::load(&main);
+            if key.is_empty() {
+                r.unwrap();
+                continue;
+            }
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains(".toml: ") && e.contains(key), "{e}");
         }
     }
 

@@ -48,12 +48,14 @@ fn queue_json(c: &QueueCounters) -> Value {
         "drop_no_rx_buffer": c.drop_no_rx_buffer, "drop_bad_descriptor": c.drop_bad_descriptor,
         "drop_runt": c.drop_runt, "drop_too_big": c.drop_too_big,
         "drop_no_destination": c.drop_no_destination, "drop_undelivered": c.drop_undelivered,
+        "drop_no_mbuf": c.drop_no_mbuf, "drop_tx_full": c.drop_tx_full,
+        "drop_tx_error": c.drop_tx_error,
         "guest_notifications": c.guest_notifications, "ring_broken": c.ring_broken,
     })
 }
 
-/// Counters as JSON. Directions are the guest's: `guest_tx` is what the switch took from the
-/// guest, `guest_rx` what it delivered into the guest.
+/// Counters as JSON. Directions are the switch's: `from_port` is what it took from the port (a
+/// guest's TX queues, a device's RX queues), `to_port` what it delivered into the port.
 pub fn stats_json(sw: &Switch) -> Value {
     let pmds: Vec<Value> = sw
         .pmds
@@ -92,16 +94,26 @@ pub fn stats_json(sw: &Switch) -> Value {
                 .map(|(i, q)| {
                     let mut v = queue_json(q);
                     v["queue"] = json!(i);
-                    v["kind"] = json!(if i % 2 == 0 { "guest_rx" } else { "guest_tx" });
+                    v["kind"] = json!(if i % 2 == 0 { "to_port" } else { "from_port" });
                     v
                 })
                 .collect();
-            json!({
-                "name": p.name, "socket": p.socket,
+            let mut v = json!({
+                "name": p.name, "type": p.kind, "endpoint": p.endpoint,
                 "connected": p.connected.load(Ordering::Relaxed),
-                "guest_tx": queue_json(&sum(false)), "guest_rx": queue_json(&sum(true)),
+                "error": p.error,
+                "from_port": queue_json(&sum(false)), "to_port": queue_json(&sum(true)),
                 "queues": queues,
-            })
+            });
+            if let Some(id) = p.dpdk_port {
+                let link = dataplane::dpdk::link(id);
+                let (imissed, ierrors, oerrors) = dataplane::dpdk::hw_drops(id);
+                v["dpdk"] = json!({
+                    "port_id": id, "link_up": link.up, "speed_mbps": link.speed_mbps,
+                    "imissed": imissed, "ierrors": ierrors, "oerrors": oerrors,
+                });
+            }
+            v
         })
         .collect();
     json!({ "pmds": pmds, "ports": ports })
@@ -121,18 +133,60 @@ fn format_stats(v: &Value) -> String {
         );
     }
     for p in v["ports"].as_array().into_iter().flatten() {
-        let (t, r) = (&p["guest_tx"], &p["guest_rx"]);
+        let (t, r) = (&p["from_port"], &p["to_port"]);
+        let kind = p["type"].as_str().unwrap_or("?");
+        let state = match (&p["error"], &p["dpdk"]) {
+            (Value::String(e), _) => format!("FAILED: {e}"),
+            (_, Value::Object(d)) => format!(
+                "link {} imissed {} ierrors {} oerrors {}",
+                if d["link_up"] == true { "up" } else { "down" },
+                n(&d["imissed"]),
+                n(&d["ierrors"]),
+                n(&d["oerrors"])
+            ),
+            _ if p["connected"] == true && kind == "vhost-user" => "connected".into(),
+            _ if p["connected"] == true => "running".into(),
+            _ => "waiting for a frontend".into(),
+        };
+        // Only the drop reasons this kind of port can have.
+        let drops = |c: &Value, keys: &[&str]| {
+            keys.iter()
+                .map(|k| format!(" {k} {}", n(&c[format!("drop_{k}")])))
+                .collect::<String>()
+        };
+        let (from_keys, to_keys): (&[&str], &[&str]) = if kind == "vhost-user" {
+            (
+                &[
+                    "bad_descriptor",
+                    "runt",
+                    "too_big",
+                    "no_destination",
+                    "undelivered",
+                ],
+                &["no_rx_buffer", "too_big", "bad_descriptor"],
+            )
+        } else {
+            (
+                &["runt", "too_big", "no_destination", "undelivered"],
+                &["too_big", "no_mbuf", "tx_full", "tx_error"],
+            )
+        };
+        let who = if kind == "vhost-user" {
+            "guest"
+        } else {
+            "port "
+        };
         out += &format!(
-            "port {} ({}{}):\n  from guest: packets {} bytes {} forwarded {} drops: bad_descriptor {} runt {} too_big {} no_destination {} undelivered {}\n  to guest:   packets {} bytes {} drops: no_rx_buffer {} too_big {} bad_descriptor {}  notifications {}{}\n",
+            "port {} ({kind} {}): {state}\n  from {who}: packets {} bytes {} forwarded {} drops:{}\n  to {who}:   packets {} bytes {} drops:{}{}{}\n",
             p["name"].as_str().unwrap_or("?"),
-            p["socket"].as_str().unwrap_or("?"),
-            if p["connected"].as_bool() == Some(true) { ", connected" } else { "" },
-            n(&t["packets"]), n(&t["bytes"]), n(&t["forwarded"]),
-            n(&t["drop_bad_descriptor"]), n(&t["drop_runt"]), n(&t["drop_too_big"]),
-            n(&t["drop_no_destination"]), n(&t["drop_undelivered"]),
-            n(&r["packets"]), n(&r["bytes"]), n(&r["drop_no_rx_buffer"]), n(&r["drop_too_big"]),
-            n(&r["drop_bad_descriptor"]),
-            n(&r["guest_notifications"]) + n(&t["guest_notifications"]),
+            p["endpoint"].as_str().unwrap_or("?"),
+            n(&t["packets"]), n(&t["bytes"]), n(&t["forwarded"]), drops(t, from_keys),
+            n(&r["packets"]), n(&r["bytes"]), drops(r, to_keys),
+            if kind == "vhost-user" {
+                format!("  notifications {}", n(&r["guest_notifications"]) + n(&t["guest_notifications"]))
+            } else {
+                String::new()
+            },
             if n(&r["ring_broken"]) + n(&t["ring_broken"]) > 0 { "  RING BROKEN (needs reset)" } else { "" },
         );
     }

@@ -87,8 +87,13 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         log::info!("signal {sig}: stopping");
     }
     for p in &cfg.ports {
-        if p.mode == config::VhostMode::Server {
-            let _ = std::fs::remove_file(&p.socket);
+        if let config::PortKind::VhostUser {
+            mode: config::VhostMode::Server,
+            socket,
+            ..
+        } = &p.kind
+        {
+            let _ = std::fs::remove_file(socket);
         }
     }
     let _ = std::fs::remove_file(&cfg.control_socket);

@@ -33,7 +33,7 @@ fn txonly_to_rxonly_counts_agree() {
     sleep(3.0);
     a.stop();
     sleep(1.0);
-    let delivered = sw.port(&sw.stats(), 1)["guest_rx"]["packets"]
+    let delivered = sw.port(&sw.stats(), 1)["to_port"]["packets"]
         .as_u64()
         .unwrap();
     let received = final_rx_packets(&b.stop(), 0);
@@ -68,7 +68,7 @@ fn io_loop_flows_for_ten_seconds() {
     // Sample ringswitch's delivered counters every second for 10 s: each second must move traffic.
     let delivered = |s: &serde_json::Value| -> u64 {
         (0..2)
-            .map(|p| sw.port(s, p)["guest_rx"]["packets"].as_u64().unwrap())
+            .map(|p| sw.port(s, p)["to_port"]["packets"].as_u64().unwrap())
             .sum()
     };
     let mut last = delivered(&sw.stats());
@@ -106,7 +106,7 @@ fn killed_guest_restarts_and_traffic_resumes() {
     let start_b = |sw: &Switch| start(sw, "b", 1, "--forward-mode=rxonly");
     let start_a = |sw: &Switch| start(sw, "a", 0, "--forward-mode=txonly");
     let delivered = |sw: &Switch| {
-        sw.port(&sw.stats(), 1)["guest_rx"]["packets"]
+        sw.port(&sw.stats(), 1)["to_port"]["packets"]
             .as_u64()
             .unwrap()
     };
@@ -241,7 +241,7 @@ fn frame_contents_arrive_intact() {
         &["--forward-mode=io", "--auto-start", "--no-flush-rx"],
     );
     for _ in 0..100 {
-        if sw.port(&sw.stats(), 1)["guest_rx"]["packets"]
+        if sw.port(&sw.stats(), 1)["to_port"]["packets"]
             .as_u64()
             .unwrap()
             >= frames.len() as u64

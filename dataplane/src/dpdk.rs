@@ -307,25 +307,26 @@ impl EthDev {
     pub fn pool(&self) -> &Mempool {
         &self.pool
     }
+}
 
-    pub fn link(&self) -> Link {
-        let mut l = sys::rte_eth_link::default();
-        // SAFETY: valid port id and out-pointer; the nowait variant never blocks.
-        unsafe { sys::rte_eth_link_get_nowait(self.port_id, &mut l) };
-        Link {
-            up: l.link_status() != 0,
-            speed_mbps: l.link_speed,
-        }
+/// Link state of a DPDK port; safe to ask from control while a PMD polls the port.
+pub fn link(port_id: u16) -> Link {
+    let mut l = sys::rte_eth_link::default();
+    // SAFETY: an out-pointer; an unknown port id only makes DPDK return an error.
+    unsafe { sys::rte_eth_link_get_nowait(port_id, &mut l) };
+    Link {
+        up: l.link_status() != 0,
+        speed_mbps: l.link_speed,
     }
+}
 
-    /// The device's own counters: frames it dropped for lack of RX descriptors (`imissed`)
-    /// and its error counts, which the switch cannot see per packet.
-    pub fn hw_drops(&self) -> (u64, u64, u64) {
-        let mut s = sys::rte_eth_stats::default();
-        // SAFETY: valid port id and out-pointer.
-        unsafe { sys::rte_eth_stats_get(self.port_id, &mut s) };
-        (s.imissed, s.ierrors, s.oerrors)
-    }
+/// The device's own counters: frames it dropped for lack of RX descriptors (`imissed`), RX
+/// errors and TX errors, which the switch cannot see per packet.
+pub fn hw_drops(port_id: u16) -> (u64, u64, u64) {
+    let mut s = sys::rte_eth_stats::default();
+    // SAFETY: an out-pointer; an unknown port id only makes DPDK return an error.
+    unsafe { sys::rte_eth_stats_get(port_id, &mut s) };
+    (s.imissed, s.ierrors, s.oerrors)
 }
 
 impl Drop for EthDev {

@@ -103,7 +103,7 @@ impl Switch {
     pub fn check_accounting(&self) {
         let s = self.stats();
         for p in s["ports"].as_array().unwrap() {
-            let t = &p["guest_tx"];
+            let t = &p["from_port"];
             let n = |k: &str| t[k].as_u64().unwrap();
             let drops: u64 = [
                 "drop_bad_descriptor",
