@@ -171,13 +171,13 @@ fn format_stats(v: &Value) -> String {
                 &["too_big", "no_mbuf", "tx_full", "tx_error"],
             )
         };
-        let who = if kind == "vhost-user" {
-            "guest"
+        let (from, to) = if kind == "vhost-user" {
+            ("from guest:", "to guest:  ")
         } else {
-            "port "
+            ("from port: ", "to port:   ")
         };
         out += &format!(
-            "port {} ({kind} {}): {state}\n  from {who}: packets {} bytes {} forwarded {} drops:{}\n  to {who}:   packets {} bytes {} drops:{}{}{}\n",
+            "port {} ({kind} {}): {state}\n  {from} packets {} bytes {} forwarded {} drops:{}\n  {to} packets {} bytes {} drops:{}{}{}\n",
             p["name"].as_str().unwrap_or("?"),
             p["endpoint"].as_str().unwrap_or("?"),
             n(&t["packets"]), n(&t["bytes"]), n(&t["forwarded"]), drops(t, from_keys),

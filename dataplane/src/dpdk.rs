@@ -87,7 +87,9 @@ pub fn eal_init(args: &[String]) -> Result<(), DpdkError> {
         unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&cpus), &cpus) };
     }
     let result = if rc < 0 {
-        Err(strerror(rte_errno()))
+        let reason = strerror(rte_errno());
+        release_hugedir_locks();
+        Err(reason)
     } else {
         Ok(())
     };
@@ -96,6 +98,39 @@ pub fn eal_init(args: &[String]) -> Result<(), DpdkError> {
         args: joined,
         reason,
     })
+}
+
+/// A failed `rte_eal_init` can leave the exclusive flock it takes on each hugetlbfs directory
+/// held (DPDK 22.11 unlocks them only at the end of a successful init), and every other DPDK
+/// process on the machine then blocks in its own init. Close those directory fds: DPDK is never
+/// used again in this process after a failure.
+fn release_hugedir_locks() {
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    for e in fds.flatten() {
+        let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: fstatfs/fstat only write into the zeroed structs we pass.
+        let (fs, st) = unsafe {
+            let mut fs: libc::statfs = std::mem::zeroed();
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstatfs(fd, &mut fs) != 0 || libc::fstat(fd, &mut st) != 0 {
+                continue;
+            }
+            (fs, st)
+        };
+        if fs.f_type as i64 == HUGETLBFS_MAGIC && st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            // SAFETY: the fd is the EAL's leaked lock descriptor on a hugetlbfs directory;
+            // nothing in this process uses it again.
+            unsafe {
+                libc::flock(fd, libc::LOCK_UN);
+                libc::close(fd);
+            }
+        }
+    }
 }
 
 /// Let the calling (Rust-spawned) thread use mempool caches: it gets an lcore id of its own.

@@ -49,9 +49,11 @@ impl MacTable {
 
     /// Remember that `mac` (a unicast source address) lives behind `port`. When every probed
     /// slot is taken by another address, the home slot is overwritten (the oldest guess loses).
+    /// Multicast and all-zero sources are not addresses a station can have: never learned (as
+    /// the Linux bridge does), so frames *to* 00:00:00:00:00:00 are flooded, not looped back.
     #[inline]
     pub fn learn(&mut self, mac: &[u8], port: PortId) {
-        if is_multicast(mac) {
+        if is_multicast(mac) || mac.iter().take(6).all(|&b| b == 0) {
             return;
         }
         let key = mac_key(mac);
@@ -111,6 +113,8 @@ mod tests {
         assert_eq!(t.lookup(&b), Some(PortId(2)));
         t.learn(&[0xff; 6], PortId(1));
         assert_eq!(t.lookup(&[0xff; 6]), None);
+        t.learn(&[0; 6], PortId(1));
+        assert_eq!(t.lookup(&[0; 6]), None, "an all-zero source is not learned");
     }
 
     #[test]
