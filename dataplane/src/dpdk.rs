@@ -122,7 +122,7 @@ fn release_hugedir_locks() {
             }
             (fs, st)
         };
-        if fs.f_type as i64 == HUGETLBFS_MAGIC && st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+        if fs.f_type == HUGETLBFS_MAGIC && st.st_mode & libc::S_IFMT == libc::S_IFDIR {
             // SAFETY: the fd is the EAL's leaked lock descriptor on a hugetlbfs directory;
             // nothing in this process uses it again.
             unsafe {
@@ -168,14 +168,7 @@ impl Mempool {
         let cname = CString::new(name).map_err(|_| err("NUL in name".into()))?;
         // SAFETY: cname is a valid C string; SOCKET_ID_ANY lets DPDK choose the memory.
         let p = unsafe {
-            sys::rte_pktmbuf_pool_create(
-                cname.as_ptr(),
-                n,
-                256,
-                0,
-                data_room,
-                sys::SOCKET_ID_ANY as i32,
-            )
+            sys::rte_pktmbuf_pool_create(cname.as_ptr(), n, 256, 0, data_room, sys::SOCKET_ID_ANY)
         };
         let ptr = NonNull::new(p).ok_or_else(|| err(strerror(rte_errno())))?;
         Ok(Arc::new(Mempool { ptr, frame_room }))
