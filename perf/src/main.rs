@@ -1,6 +1,7 @@
 //! `rs-perf`: turns raw benchmark output into figures for perf/ scripts.
-//!   rs-perf median-pps LOG [all]        median Rx-pps (Mpps) of a testpmd --stats-period log,
-//!                                       port 0 or summed over all ports, first 2 periods skipped
+//!   rs-perf median-pps LOG [all] [tx]   median Rx-pps (or Tx-pps) in Mpps of a testpmd
+//!                                       --stats-period log, port 0 or summed over all ports,
+//!                                       first 2 periods skipped
 //!   rs-perf testpmd-cycles LOG          busy cycles per packet from testpmd --record-core-cycles
 //!   rs-perf ringswitch-cycles A.json B.json
 //!                                       busy cycles per packet of PMD 0 between two
@@ -16,8 +17,9 @@ fn main() -> anyhow::Result<()> {
     };
     match args.first().map(String::as_str) {
         Some("median-pps") => {
-            let all = args.get(2).is_some_and(|a| a == "all");
-            println!("{:.2}", median_pps(&read(1)?, all) / 1e6);
+            let flag = |f: &str| args.iter().skip(2).any(|a| a == f);
+            let field = if flag("tx") { "Tx-pps" } else { "Rx-pps" };
+            println!("{:.2}", median_pps(&read(1)?, flag("all"), field) / 1e6);
         }
         Some("testpmd-cycles") => println!("{:.0}", testpmd_cycles(&read(1)?)?),
         Some("ringswitch-cycles") => {
@@ -28,15 +30,17 @@ fn main() -> anyhow::Result<()> {
             };
             println!("{:.0}", d("busy_cycles") as f64 / d("packets").max(1) as f64);
         }
-        _ => bail!("usage: rs-perf median-pps LOG [all] | testpmd-cycles LOG | ringswitch-cycles A.json B.json"),
+        _ => bail!("usage: rs-perf median-pps LOG [all] [tx] | testpmd-cycles LOG | ringswitch-cycles A.json B.json"),
     }
     Ok(())
 }
 
 /// testpmd prints one block per port per period; a period ends when a port repeats.
-fn median_pps(log: &str, all_ports: bool) -> f64 {
-    let re = regex::Regex::new(r"NIC statistics for port (\d+)[\s\S]*?Rx-pps:\s+(\d+)")
-        .unwrap_or_else(|_| unreachable!());
+fn median_pps(log: &str, all_ports: bool, field: &str) -> f64 {
+    let re = regex::Regex::new(&format!(
+        r"NIC statistics for port (\d+)[\s\S]*?{field}:\s+(\d+)"
+    ))
+    .unwrap_or_else(|_| unreachable!());
     let mut periods = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut current = 0u64;
@@ -81,13 +85,15 @@ mod tests {
         for p in [1u64, 2, 10, 30, 20, 5] {
             for port in 0..2 {
                 log += &format!(
-                    "#### NIC statistics for port {port} ####\n  Rx-pps: {}\n",
-                    p * 1000 + port
+                    "#### NIC statistics for port {port} ####\n  Rx-pps: {}  Rx-bps: 1\n  Tx-pps: {}\n",
+                    p * 1000 + port,
+                    p * 10 + port
                 );
             }
         }
-        assert_eq!(median_pps(&log, false), 20000.0);
-        assert_eq!(median_pps(&log, true), 40001.0);
+        assert_eq!(median_pps(&log, false, "Rx-pps"), 20000.0);
+        assert_eq!(median_pps(&log, true, "Rx-pps"), 40001.0);
+        assert_eq!(median_pps(&log, false, "Tx-pps"), 200.0);
         let t = "  CPU cycles/packet=95.31 (busy cycles=1 / total io packets=2) at 2000 MHz Clock";
         assert_eq!(testpmd_cycles(t).unwrap(), 95.31);
         assert!(testpmd_cycles("nothing").is_err());
