@@ -411,6 +411,12 @@ impl MbufBurst {
         // SAFETY: m has BURST slots; port/queue belong to a started device this PMD owns.
         self.n = unsafe { sys::rs_eth_rx_burst(port, queue, self.m.as_mut_ptr(), BURST as u16) }
             as usize;
+        // Start every frame's first line loading before the first is switched.
+        for &m in &self.m[..self.n] {
+            // SAFETY: a received mbuf; its header was just written by the driver.
+            let data = unsafe { ((*m).buf_addr as *const u8).add((*m).data_off as usize) };
+            crate::prefetch(data);
+        }
         self.n
     }
 

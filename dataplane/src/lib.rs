@@ -44,3 +44,30 @@ impl QueueIdx {
 /// A CPU to pin a PMD to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CoreId(pub usize);
+
+/// A cache prefetch hint; never faults, whatever the address.
+#[inline(always)]
+pub(crate) fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 is a hint that performs no access visible to the program and cannot
+    // fault on any address; SSE is part of the x86_64 baseline.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// A prefetch with intent to write (PREFETCHW): takes the line exclusive before the store needs
+/// it. Never faults; a no-op where the CPU lacks it.
+#[inline(always)]
+pub(crate) fn prefetch_w(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHW is a hint that performs no access visible to the program and cannot
+    // fault on any address; CPUs without it execute it as a NOP.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}

@@ -11,6 +11,9 @@ use crate::PortId;
 /// Chains one frame may be spread over with mergeable RX buffers (64 KiB over 1 KiB buffers).
 pub const MAX_RX_CHAINS: usize = 64;
 
+/// How many chains ahead RX delivery starts loading descriptors (and half as far, buffers).
+const RX_PREFETCH_AHEAD: u16 = 4;
+
 /// What the guest negotiated that changes frame layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NetFeatures {
@@ -213,6 +216,7 @@ fn fill(
 ) -> Result<(), RxDrop> {
     let hdr_len = features.hdr_len as u32;
     let need = hdr_len + frame_len;
+    ring.prefetch_ahead(RX_PREFETCH_AHEAD);
 
     // Reserve chains (without consuming them) until they hold the frame.
     let mut count = 0u16;

@@ -11,6 +11,10 @@ use std::sync::Arc;
 use super::*;
 use crate::guest_mem::MemTable;
 use crate::stats::QueueStats;
+use crate::{prefetch, prefetch_w};
+
+/// Used entries collected before they are written into the guest's ring (a burst's worth).
+const SHADOW_USED: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
@@ -56,8 +60,14 @@ pub struct SplitRing {
     pub last_avail_idx: u16,
     /// `avail.idx` as last loaded and validated (never more than `size` ahead of last_avail_idx).
     avail_shadow: u16,
+    /// `avail_at_least` reloaded `avail.idx` since the last flush.
+    avail_reloaded: bool,
     /// Next used index to fill; published to the guest in `flush`.
     used_idx: u16,
+    /// Used entries (id, len) not yet written into the guest's ring: the last `shadow_n`
+    /// before `used_idx`.
+    shadow_used: [(u32, u32); SHADOW_USED],
+    shadow_n: usize,
     published_used: u16,
     /// `signalled_used` of the EVENT_IDX algorithm: the used index at the last notify check.
     signalled_used: u16,
@@ -72,19 +82,6 @@ pub struct SplitRing {
 // threads (control builds it, a PMD uses it, control takes it back) but only one thread uses it
 // at a time, which `&mut self` on every accessor enforces.
 unsafe impl Send for SplitRing {}
-
-/// A cache prefetch hint; never faults, whatever the address.
-#[inline(always)]
-fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: PREFETCHT0 is a hint that performs no access visible to the program and cannot
-    // fault on any address; SSE is part of the x86_64 baseline.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
 
 impl SplitRing {
     /// Validate and translate the ring addresses. Runs on control, never on a PMD.
@@ -123,7 +120,10 @@ impl SplitRing {
             mask: (size - 1) as u16,
             last_avail_idx,
             avail_shadow: last_avail_idx,
+            avail_reloaded: false,
             used_idx: last_avail_idx,
+            shadow_used: [(0, 0); SHADOW_USED],
+            shadow_n: 0,
             published_used: last_avail_idx,
             signalled_used: last_avail_idx,
             event_idx,
@@ -195,13 +195,16 @@ impl SplitRing {
     }
 
     /// Like `avail_pending`, but reuses the last loaded index while it still covers `want`
-    /// chains: the RX side asks per frame and should not touch the guest's cache line each time.
+    /// chains, and loads it at most once between flushes: the RX side asks per frame, and a
+    /// guest that is slow to refill would otherwise cost a miss on its cache line per frame
+    /// (as DPDK's vhost, a burst sees the buffers there were when it started, plus one reload).
     #[inline]
     pub fn avail_at_least(&mut self, want: u16) -> u16 {
         let cached = self.avail_shadow.wrapping_sub(self.last_avail_idx);
-        if cached >= want {
+        if cached >= want || self.avail_reloaded {
             return cached;
         }
+        self.avail_reloaded = true;
         self.avail_pending()
     }
 
@@ -227,13 +230,48 @@ impl SplitRing {
         }
     }
 
+    /// RX look-ahead, called once per frame: start loading the descriptor of the chain `ahead`
+    /// places on, and the buffer of the one `ahead / 2` on (whose descriptor an earlier call
+    /// started loading). Frames are written into guest buffers the guest last touched on its own
+    /// core; without this every frame waits for a descriptor miss and then a store miss.
+    #[inline]
+    pub fn prefetch_ahead(&self, ahead: u16) {
+        let cached = self.avail_shadow.wrapping_sub(self.last_avail_idx);
+        if ahead < cached {
+            self.prefetch_desc(self.head_at(ahead));
+        }
+        if ahead / 2 < cached {
+            self.prefetch_rx_buffer(self.head_at(ahead / 2));
+        }
+    }
+
     /// Start loading the buffer byte at `offset` into the chain `head` (only its first two
     /// descriptors are looked at; indirect chains are skipped). A hint: nothing is validated
     /// beyond what makes the address mapped, and nothing is consumed.
     #[inline]
     pub fn prefetch_data(&self, head: u16, offset: u32) {
+        if let Some((p, _)) = self.buffer_at(head, offset) {
+            prefetch(p);
+        }
+    }
+
+    /// Start taking ownership of the first bytes (virtio-net header and a small frame) of the
+    /// writable chain `head`: the guest last touched them on its own core. A hint, as
+    /// `prefetch_data`.
+    #[inline]
+    pub fn prefetch_rx_buffer(&self, head: u16) {
+        if let Some((p, len)) = self.buffer_at(head, 0) {
+            prefetch_w(p);
+            prefetch_w(p.wrapping_add(len.min(128) as usize - 1));
+        }
+    }
+
+    /// Host address of byte `offset` of chain `head` (looking at its first two descriptors
+    /// only) and the bytes left in that descriptor; None for indirect chains or bad entries.
+    #[inline]
+    fn buffer_at(&self, head: u16, offset: u32) -> Option<(*mut u8, u32)> {
         if head >= self.size {
-            return;
+            return None;
         }
         let mut d = self.read_desc(self.desc, head);
         let mut offset = offset;
@@ -242,11 +280,13 @@ impl SplitRing {
             d = self.read_desc(self.desc, d.next);
         }
         if d.flags & VIRTQ_DESC_F_INDIRECT != 0 || offset >= d.len {
-            return;
+            return None;
         }
-        if let Some(p) = self.mem.gpa_to_host(d.addr.wrapping_add(offset as u64), 1) {
-            prefetch(p);
-        }
+        let left = d.len - offset;
+        let p = self
+            .mem
+            .gpa_to_host(d.addr.wrapping_add(offset as u64), left as u64)?;
+        Some((p, left))
     }
 
     /// Consume `n` chains: they must each get a used entry (`push_used`) in this burst.
@@ -340,27 +380,45 @@ impl SplitRing {
         Ok(())
     }
 
-    /// Record a completed chain. Visible to the guest only after `flush`.
+    /// Record a completed chain. Visible to the guest only after `flush`: entries collect in a
+    /// shadow and are written into the guest's used ring together, so their cache-line
+    /// transfers overlap instead of interleaving with the frame copies (as DPDK's vhost does).
     #[inline]
     pub fn push_used(&mut self, head: u16, len: u32) {
-        let slot = (self.used_idx & self.mask) as usize;
-        // SAFETY: slot < size, and used.ring[slot] lies at 4 + 8*slot within the checked
-        // 6 + 8*size bytes; 4-aligned. Plain volatile stores: ordered by the release in `flush`.
-        unsafe {
-            let elem = self.used.add(4 + 8 * slot) as *mut u32;
-            std::ptr::write_volatile(elem, head as u32);
-            std::ptr::write_volatile(elem.add(1), len);
+        if self.shadow_n == SHADOW_USED {
+            self.write_shadow();
         }
+        self.shadow_used[self.shadow_n] = (head as u32, len);
+        self.shadow_n += 1;
         self.used_idx = self.used_idx.wrapping_add(1);
+    }
+
+    #[inline]
+    fn write_shadow(&mut self) {
+        let first = self.used_idx.wrapping_sub(self.shadow_n as u16);
+        for (i, &(id, len)) in self.shadow_used[..self.shadow_n].iter().enumerate() {
+            let slot = (first.wrapping_add(i as u16) & self.mask) as usize;
+            // SAFETY: slot < size, and used.ring[slot] lies at 4 + 8*slot within the checked
+            // 6 + 8*size bytes; 4-aligned. Plain volatile stores: ordered by the release in
+            // `flush`.
+            unsafe {
+                let elem = self.used.add(4 + 8 * slot) as *mut u32;
+                std::ptr::write_volatile(elem, id);
+                std::ptr::write_volatile(elem.add(1), len);
+            }
+        }
+        self.shadow_n = 0;
     }
 
     /// Publish the used entries of this burst with one release store of `used.idx` (paired with
     /// the guest's read barrier after it loads `used.idx`), and notify the guest if it asked.
     #[inline]
     pub fn flush(&mut self) {
+        self.avail_reloaded = false;
         if self.used_idx == self.published_used {
             return;
         }
+        self.write_shadow();
         self.used_idx_atomic()
             .store(self.used_idx, Ordering::Release);
         self.published_used = self.used_idx;
