@@ -13,7 +13,8 @@ use super::{Seg, SegList};
 #[inline(always)]
 pub unsafe fn copy_bytes(src: *const u8, dst: *mut u8, n: usize) {
     use std::ptr::{read_unaligned as rd, write_unaligned as wr};
-    // SAFETY (all arms): every access lies within [0, n) of src or dst, as the caller allows.
+    // SAFETY: in every arm, every access lies within [0, n) of src or dst, which the caller
+    // guarantees are valid.
     unsafe {
         match n {
             0 => {}
