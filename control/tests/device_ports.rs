@@ -107,7 +107,10 @@ fn netns_ping_and_tcp_through_tap_and_af_packet() {
             "ethtool", "-K", &peer, "tso", "off", "gso", "off", "tx", "off",
         ],
     ] {
-        assert!(net.exec(1, &args).status().unwrap().success(), "{args:?}");
+        assert!(
+            net.exec(1, &args).output().unwrap().status.success(),
+            "{args:?}"
+        );
     }
     let sw = Switch::with_config(
         "netns",
@@ -198,13 +201,7 @@ fn testpmd_guest_into_net_null_counts_agree() {
         &(vhost_ports(1)
             + "[[port]]\nname = \"null\"\ntype = \"dpdk\"\ndevargs = \"net_null0,no-rx=1\"\n"),
     );
-    let mut g = Testpmd::start(
-        &sw.dir,
-        "tx",
-        &[Testpmd::virtio(0, &sw.sock(0))],
-        &["--forward-mode=txonly", "--auto-start"],
-    );
-    sw.wait_connected(0, true);
+    let mut g = Testpmd::on_port(&sw, "tx", 0, "txonly");
     g.wait_output("Rx-pps", Duration::from_secs(20));
     std::thread::sleep(Duration::from_secs(3));
     let sent = final_tx_packets(&g.stop(), 0);
@@ -234,19 +231,8 @@ fn testpmd_guest_into_net_null_counts_agree() {
 
 /// txonly guest on p0, rxonly guest on p1: frames arrive (the switch still works).
 fn traffic_flows(sw: &Switch) {
-    let mut b = Testpmd::start(
-        &sw.dir,
-        "rx",
-        &[Testpmd::virtio(0, &sw.sock(1))],
-        &["--forward-mode=rxonly", "--auto-start"],
-    );
-    sw.wait_connected(1, true);
-    let mut a = Testpmd::start(
-        &sw.dir,
-        "tx",
-        &[Testpmd::virtio(0, &sw.sock(0))],
-        &["--forward-mode=txonly", "--auto-start"],
-    );
+    let mut b = Testpmd::on_port(sw, "rx", 1, "rxonly");
+    let mut a = Testpmd::on_port(sw, "tx", 0, "txonly");
     a.wait_output("Rx-pps", Duration::from_secs(20));
     std::thread::sleep(Duration::from_secs(2));
     a.stop();

@@ -15,20 +15,9 @@ fn sleep(s: f64) {
 #[test]
 fn txonly_to_rxonly_counts_agree() {
     let sw = Switch::start("counts", 2);
-    let mut b = Testpmd::start(
-        &sw.dir,
-        "b",
-        &[Testpmd::virtio(0, &sw.sock(1))],
-        &["--forward-mode=rxonly", "--auto-start"],
-    );
-    sw.wait_connected(1, true);
+    let mut b = Testpmd::on_port(&sw, "b", 1, "rxonly");
     b.wait_output("Rx-pps", Duration::from_secs(20));
-    let mut a = Testpmd::start(
-        &sw.dir,
-        "a",
-        &[Testpmd::virtio(0, &sw.sock(0))],
-        &["--forward-mode=txonly", "--auto-start"],
-    );
+    let mut a = Testpmd::on_port(&sw, "a", 0, "txonly");
     a.wait_output("Rx-pps", Duration::from_secs(20));
     sleep(3.0);
     a.stop();
@@ -92,19 +81,8 @@ fn io_loop_flows_for_ten_seconds() {
 #[test]
 fn killed_guest_restarts_and_traffic_resumes() {
     let mut sw = Switch::start("restart", 2);
-    // A guest on switch port `port`, started and connected.
-    let start = |sw: &Switch, name: &str, port: usize, mode: &str| {
-        let g = Testpmd::start(
-            &sw.dir,
-            name,
-            &[Testpmd::virtio(0, &sw.sock(port))],
-            &[mode, "--auto-start"],
-        );
-        sw.wait_connected(port, true);
-        g
-    };
-    let start_b = |sw: &Switch| start(sw, "b", 1, "--forward-mode=rxonly");
-    let start_a = |sw: &Switch| start(sw, "a", 0, "--forward-mode=txonly");
+    let start_b = |sw: &Switch| Testpmd::on_port(sw, "b", 1, "rxonly");
+    let start_a = |sw: &Switch| Testpmd::on_port(sw, "a", 0, "txonly");
     let delivered = |sw: &Switch| {
         sw.port(&sw.stats(), 1)["to_port"]["packets"]
             .as_u64()

@@ -45,28 +45,36 @@ impl QueueIdx {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CoreId(pub usize);
 
-/// A cache prefetch hint; never faults, whatever the address.
+/// A cache prefetch hint (read); never faults, whatever the address.
 #[inline(always)]
 pub(crate) fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: PREFETCHT0 is a hint that performs no access visible to the program and cannot
-    // fault on any address; SSE is part of the x86_64 baseline.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
+    prefetch_hint::<{ HINT_T0 }>(p)
 }
 
 /// A prefetch with intent to write (PREFETCHW): takes the line exclusive before the store needs
-/// it. Never faults; a no-op where the CPU lacks it.
+/// it, instead of loading it shared and upgrading it at the store.
 #[inline(always)]
 pub(crate) fn prefetch_w(p: *const u8) {
+    prefetch_hint::<{ HINT_ET0 }>(p)
+}
+
+#[cfg(target_arch = "x86_64")]
+const HINT_T0: i32 = std::arch::x86_64::_MM_HINT_T0;
+#[cfg(target_arch = "x86_64")]
+const HINT_ET0: i32 = std::arch::x86_64::_MM_HINT_ET0;
+#[cfg(not(target_arch = "x86_64"))]
+const HINT_T0: i32 = 0;
+#[cfg(not(target_arch = "x86_64"))]
+const HINT_ET0: i32 = 0;
+
+#[inline(always)]
+fn prefetch_hint<const HINT: i32>(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: PREFETCHW is a hint that performs no access visible to the program and cannot
-    // fault on any address; CPUs without it execute it as a NOP.
+    // SAFETY: PREFETCH* are hints that perform no access visible to the program and cannot
+    // fault on any address; PREFETCHT0 is x86_64 baseline, and CPUs without PREFETCHW treat it
+    // as a NOP.
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(p as *const i8)
+        std::arch::x86_64::_mm_prefetch::<HINT>(p as *const i8)
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;

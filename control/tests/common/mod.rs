@@ -206,6 +206,19 @@ impl Testpmd {
         }
     }
 
+    /// A guest with one virtio-user port on switch port `port`, forwarding in `mode`
+    /// (txonly, rxonly, …) from the start; returns once the switch sees it connected.
+    pub fn on_port(sw: &Switch, name: &str, port: usize, mode: &str) -> Testpmd {
+        let g = Testpmd::start(
+            &sw.dir,
+            name,
+            &[Testpmd::virtio(0, &sw.sock(port))],
+            &[&format!("--forward-mode={mode}"), "--auto-start"],
+        );
+        sw.wait_connected(port, true);
+        g
+    }
+
     pub fn virtio(idx: usize, sock: &Path) -> String {
         format!("net_virtio_user{idx},path={},queues=1", sock.display())
     }
