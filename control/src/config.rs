@@ -274,143 +274,12 @@ fn validate(
             "only one PMD core is supported so far (rx-queue scheduling over several PMDs is not built yet)".into(),
         ));
     }
-    let mut names = HashSet::new();
-    let mut sockets = HashSet::new();
-    let mut devices = HashSet::new();
+    let mut set = PortSet::default();
     let mut out = Vec::new();
     for (p, file) in ports {
-        if p.name.is_empty() || p.name.len() > 64 || p.name.chars().any(|c| c.is_whitespace()) {
-            return Err(invalid(
-                &file,
-                "name",
-                format!("{:?} is not a valid port name", p.name),
-            ));
-        }
-        if !names.insert(p.name.clone()) {
-            return Err(invalid(
-                &file,
-                "name",
-                format!("port {:?} is defined twice", p.name),
-            ));
-        }
-        if p.queues == 0 || p.queues > MAX_QUEUE_PAIRS {
-            return Err(invalid(
-                &file,
-                "queues",
-                format!("{} queues: must be 1..={MAX_QUEUE_PAIRS}", p.queues),
-            ));
-        }
-        // Keys of another port type are mistakes, not options to ignore.
-        let owned_keys = [
-            ("mode", p.mode.is_some(), PortType::VhostUser),
-            ("socket", p.socket.is_some(), PortType::VhostUser),
-            ("socket_mode", p.socket_mode.is_some(), PortType::VhostUser),
-            (
-                "socket_owner",
-                p.socket_owner.is_some(),
-                PortType::VhostUser,
-            ),
-            (
-                "socket_group",
-                p.socket_group.is_some(),
-                PortType::VhostUser,
-            ),
-            ("devargs", p.devargs.is_some(), PortType::Dpdk),
-            ("mtu", p.mtu.is_some(), PortType::Dpdk),
-            ("rx_descriptors", p.rx_descriptors.is_some(), PortType::Dpdk),
-            ("tx_descriptors", p.tx_descriptors.is_some(), PortType::Dpdk),
-            ("ifname", p.ifname.is_some(), PortType::Tap),
-        ];
-        if let Some((key, _, _)) = owned_keys.iter().find(|(_, set, t)| *set && *t != p.kind) {
-            return Err(invalid(
-                &file,
-                key,
-                format!("does not apply to a {} port", p.kind.name()),
-            ));
-        }
-        let required = |key: &str, v: Option<String>| {
-            v.filter(|v| !v.is_empty())
-                .ok_or_else(|| invalid(&file, key, format!("a {} port needs it", p.kind.name())))
-        };
-        let kind = match p.kind {
-            PortType::VhostUser => {
-                let socket_perm = socket_perm(&p, &file)?;
-                let socket = PathBuf::from(required(
-                    "socket",
-                    p.socket.map(|s| s.display().to_string()),
-                )?);
-                if !sockets.insert(socket.clone()) {
-                    return Err(invalid(
-                        &file,
-                        "socket",
-                        format!("{} is used by two ports", socket.display()),
-                    ));
-                }
-                PortKind::VhostUser {
-                    mode: p.mode.unwrap_or_default(),
-                    socket,
-                    socket_perm,
-                }
-            }
-            PortType::Dpdk => {
-                let devargs = required("devargs", p.devargs)?;
-                let dev = devargs.split(',').next().unwrap_or_default().to_owned();
-                if !devices.insert(dev.clone()) {
-                    return Err(invalid(
-                        &file,
-                        "devargs",
-                        format!("device {dev:?} is used by two ports"),
-                    ));
-                }
-                if let Some(m) = p.mtu.filter(|m| !(68..=MAX_DPDK_MTU).contains(m)) {
-                    return Err(invalid(
-                        &file,
-                        "mtu",
-                        format!("{m}: must be 68..={MAX_DPDK_MTU}"),
-                    ));
-                }
-                let desc = |key: &str, v: Option<u16>| match v {
-                    Some(n) if !(32..=32768).contains(&n) || !n.is_power_of_two() => Err(invalid(
-                        &file,
-                        key,
-                        format!("{n}: must be a power of two in 32..=32768"),
-                    )),
-                    v => Ok(v.unwrap_or(DEFAULT_DPDK_DESC)),
-                };
-                PortKind::Dpdk {
-                    devargs,
-                    mtu: p.mtu,
-                    rx_desc: desc("rx_descriptors", p.rx_descriptors)?,
-                    tx_desc: desc("tx_descriptors", p.tx_descriptors)?,
-                }
-            }
-            PortType::Tap => {
-                let ifname = required("ifname", p.ifname)?;
-                if ifname.len() >= 16 || ifname.contains(['/', ' ', '\0']) {
-                    return Err(invalid(
-                        &file,
-                        "ifname",
-                        format!(
-                            "{ifname:?} is not an interface name (1..=15 bytes, no '/' or spaces)"
-                        ),
-                    ));
-                }
-                if !devices.insert(ifname.clone()) {
-                    return Err(invalid(
-                        &file,
-                        "ifname",
-                        format!("{ifname:?} is used by two ports"),
-                    ));
-                }
-                PortKind::Tap { ifname }
-            }
-        };
-        out.push(PortConfig {
-            name: p.name,
-            queues: p.queues,
-            kind,
-            file,
-        });
+        let pc = validate_port(p, file)?;
+        set.insert(&pc)?;
+        out.push(pc);
     }
     if out.len() > dataplane::pmd::MAX_PORTS {
         return Err(invalid(
@@ -427,6 +296,170 @@ fn validate(
             .unwrap_or_else(|| DEFAULT_EAL_ARGS.iter().map(|a| a.to_string()).collect()),
         ports: out,
     })
+}
+
+/// Read and validate one port file (`ringswitch ctl add-port`).
+pub fn load_port(file: &Path) -> Result<PortConfig, ConfigError> {
+    validate_port(parse(file)?, file.to_owned())
+}
+
+fn validate_port(p: PortSection, file: PathBuf) -> Result<PortConfig, ConfigError> {
+    let invalid = |file: &Path, key: &str, message: String| ConfigError::Invalid {
+        file: file.to_owned(),
+        key: key.to_owned(),
+        message,
+    };
+    if p.name.is_empty() || p.name.len() > 64 || p.name.chars().any(|c| c.is_whitespace()) {
+        return Err(invalid(
+            &file,
+            "name",
+            format!("{:?} is not a valid port name", p.name),
+        ));
+    }
+    if p.queues == 0 || p.queues > MAX_QUEUE_PAIRS {
+        return Err(invalid(
+            &file,
+            "queues",
+            format!("{} queues: must be 1..={MAX_QUEUE_PAIRS}", p.queues),
+        ));
+    }
+    // Keys of another port type are mistakes, not options to ignore.
+    let owned_keys = [
+        ("mode", p.mode.is_some(), PortType::VhostUser),
+        ("socket", p.socket.is_some(), PortType::VhostUser),
+        ("socket_mode", p.socket_mode.is_some(), PortType::VhostUser),
+        (
+            "socket_owner",
+            p.socket_owner.is_some(),
+            PortType::VhostUser,
+        ),
+        (
+            "socket_group",
+            p.socket_group.is_some(),
+            PortType::VhostUser,
+        ),
+        ("devargs", p.devargs.is_some(), PortType::Dpdk),
+        ("mtu", p.mtu.is_some(), PortType::Dpdk),
+        ("rx_descriptors", p.rx_descriptors.is_some(), PortType::Dpdk),
+        ("tx_descriptors", p.tx_descriptors.is_some(), PortType::Dpdk),
+        ("ifname", p.ifname.is_some(), PortType::Tap),
+    ];
+    if let Some((key, _, _)) = owned_keys.iter().find(|(_, set, t)| *set && *t != p.kind) {
+        return Err(invalid(
+            &file,
+            key,
+            format!("does not apply to a {} port", p.kind.name()),
+        ));
+    }
+    let required = |key: &str, v: Option<String>| {
+        v.filter(|v| !v.is_empty())
+            .ok_or_else(|| invalid(&file, key, format!("a {} port needs it", p.kind.name())))
+    };
+    let kind = match p.kind {
+        PortType::VhostUser => {
+            let socket_perm = socket_perm(&p, &file)?;
+            let socket = PathBuf::from(required(
+                "socket",
+                p.socket.map(|s| s.display().to_string()),
+            )?);
+            PortKind::VhostUser {
+                mode: p.mode.unwrap_or_default(),
+                socket,
+                socket_perm,
+            }
+        }
+        PortType::Dpdk => {
+            let devargs = required("devargs", p.devargs)?;
+            if let Some(m) = p.mtu.filter(|m| !(68..=MAX_DPDK_MTU).contains(m)) {
+                return Err(invalid(
+                    &file,
+                    "mtu",
+                    format!("{m}: must be 68..={MAX_DPDK_MTU}"),
+                ));
+            }
+            let desc = |key: &str, v: Option<u16>| match v {
+                Some(n) if !(32..=32768).contains(&n) || !n.is_power_of_two() => Err(invalid(
+                    &file,
+                    key,
+                    format!("{n}: must be a power of two in 32..=32768"),
+                )),
+                v => Ok(v.unwrap_or(DEFAULT_DPDK_DESC)),
+            };
+            PortKind::Dpdk {
+                devargs,
+                mtu: p.mtu,
+                rx_desc: desc("rx_descriptors", p.rx_descriptors)?,
+                tx_desc: desc("tx_descriptors", p.tx_descriptors)?,
+            }
+        }
+        PortType::Tap => {
+            let ifname = required("ifname", p.ifname)?;
+            if ifname.len() >= 16 || ifname.contains(['/', ' ', '\0']) {
+                return Err(invalid(
+                    &file,
+                    "ifname",
+                    format!("{ifname:?} is not an interface name (1..=15 bytes, no '/' or spaces)"),
+                ));
+            }
+            PortKind::Tap { ifname }
+        }
+    };
+    Ok(PortConfig {
+        name: p.name,
+        queues: p.queues,
+        kind,
+        file,
+    })
+}
+
+/// What must be unique across the ports of one switch: names, and the socket, DPDK device or
+/// interface each port attaches to.
+#[derive(Debug, Default)]
+pub struct PortSet {
+    names: HashSet<String>,
+    endpoints: HashSet<String>,
+}
+
+impl PortConfig {
+    /// (key, what it attaches to) for uniqueness checks and messages.
+    fn endpoint(&self) -> (&'static str, String) {
+        match &self.kind {
+            PortKind::VhostUser { socket, .. } => ("socket", socket.display().to_string()),
+            PortKind::Dpdk { devargs, .. } => (
+                "devargs",
+                format!("device {:?}", devargs.split(',').next().unwrap_or_default()),
+            ),
+            PortKind::Tap { ifname } => ("ifname", format!("interface {ifname:?}")),
+        }
+    }
+}
+
+impl PortSet {
+    pub fn insert(&mut self, p: &PortConfig) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            file: p.file.clone(),
+            key: key.to_owned(),
+            message,
+        };
+        let (key, endpoint) = p.endpoint();
+        if self.names.contains(&p.name) {
+            return Err(invalid(
+                "name",
+                format!("port {:?} is defined twice", p.name),
+            ));
+        }
+        if self.endpoints.contains(&endpoint) {
+            return Err(invalid(key, format!("{endpoint} is used by two ports")));
+        }
+        self.names.insert(p.name.clone());
+        self.endpoints.insert(endpoint);
+        Ok(())
+    }
+
+    pub fn remove(&mut self, p: &PortConfig) {
+        self.names.remove(&p.name);
+        self.endpoints.remove(&p.endpoint().1);
+    }
 }
 
 /// Owner, group and mode of a server-mode vhost-user socket.

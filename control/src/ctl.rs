@@ -1,5 +1,5 @@
-//! The control socket: a unix socket taking one-line commands (`stats`, `stats-json`) and the
-//! `ringswitch ctl` client for it. The server runs on its own control thread.
+//! The control socket: a unix socket taking one-line commands (`stats`, `stats-json`,
+//! `add-port FILE`, `del-port NAME`) and the `ringswitch ctl` client for it. The server runs on its own control thread.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -33,10 +33,25 @@ fn answer(s: UnixStream, sw: &Switch) -> anyhow::Result<()> {
     BufReader::new(s.try_clone()?)
         .take(256)
         .read_line(&mut line)?;
-    let reply = match line.trim() {
+    let line = line.trim();
+    let (verb, arg) = line.split_once(' ').unwrap_or((line, ""));
+    let done = |r: anyhow::Result<()>, what: String| match r {
+        Ok(()) => format!("ok: {what}\n"),
+        Err(e) => format!("error: {e:#}\n"),
+    };
+    let reply = match verb {
         "stats" => format_stats(&stats_json(sw)),
         "stats-json" => stats_json(sw).to_string() + "\n",
-        other => format!("error: unknown command {other:?} (try: stats, stats-json)\n"),
+        "add-port" => done(
+            crate::config::load_port(Path::new(arg))
+                .map_err(anyhow::Error::from)
+                .and_then(|pc| sw.add_port(pc)),
+            format!("added the port of {arg}"),
+        ),
+        "del-port" => done(sw.del_port(arg), format!("removed port {arg}")),
+        _ => format!(
+            "error: unknown command {line:?} (try: stats, stats-json, add-port FILE, del-port NAME)\n"
+        ),
     };
     (&s).write_all(reply.as_bytes())?;
     Ok(())
@@ -72,50 +87,51 @@ pub fn stats_json(sw: &Switch) -> Value {
             })
         })
         .collect();
-    let ports: Vec<Value> = sw
-        .ports
-        .iter()
-        .map(|p| {
-            let qs: Vec<QueueCounters> = p.queues.iter().map(|q| q.snapshot()).collect();
-            let sum = |rx: bool| {
-                let mut t = QueueCounters::default();
-                for (_, q) in qs
+    let ports: Vec<Value> = sw.with_ports(|ports| {
+        ports
+            .iter()
+            .map(|p| {
+                let qs: Vec<QueueCounters> = p.queues.iter().map(|q| q.snapshot()).collect();
+                let sum = |rx: bool| {
+                    let mut t = QueueCounters::default();
+                    for (_, q) in qs
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| i.is_multiple_of(2) == rx)
+                    {
+                        t.accumulate(q);
+                    }
+                    t
+                };
+                let queues: Vec<Value> = qs
                     .iter()
                     .enumerate()
-                    .filter(|(i, _)| i.is_multiple_of(2) == rx)
-                {
-                    t.accumulate(q);
-                }
-                t
-            };
-            let queues: Vec<Value> = qs
-                .iter()
-                .enumerate()
-                .map(|(i, q)| {
-                    let mut v = queue_json(q);
-                    v["queue"] = json!(i);
-                    v["kind"] = json!(if i % 2 == 0 { "to_port" } else { "from_port" });
-                    v
-                })
-                .collect();
-            let mut v = json!({
-                "name": p.name, "type": p.kind, "endpoint": p.endpoint,
-                "connected": p.connected.load(Ordering::Relaxed),
-                "error": p.error,
-                "from_port": queue_json(&sum(false)), "to_port": queue_json(&sum(true)),
-                "queues": queues,
-            });
-            if let Some(id) = p.dpdk_port {
-                let link = dataplane::dpdk::link(id);
-                let (imissed, ierrors, oerrors) = dataplane::dpdk::hw_drops(id);
-                v["dpdk"] = json!({
-                    "port_id": id, "link_up": link.up, "speed_mbps": link.speed_mbps,
-                    "imissed": imissed, "ierrors": ierrors, "oerrors": oerrors,
+                    .map(|(i, q)| {
+                        let mut v = queue_json(q);
+                        v["queue"] = json!(i);
+                        v["kind"] = json!(if i % 2 == 0 { "to_port" } else { "from_port" });
+                        v
+                    })
+                    .collect();
+                let mut v = json!({
+                    "name": p.name, "type": p.kind, "endpoint": p.endpoint,
+                    "connected": p.connected.load(Ordering::Relaxed),
+                    "error": p.error,
+                    "from_port": queue_json(&sum(false)), "to_port": queue_json(&sum(true)),
+                    "queues": queues,
                 });
-            }
-            v
-        })
-        .collect();
+                if let Some(id) = p.dpdk_port {
+                    let link = dataplane::dpdk::link(id);
+                    let (imissed, ierrors, oerrors) = dataplane::dpdk::hw_drops(id);
+                    v["dpdk"] = json!({
+                        "port_id": id, "link_up": link.up, "speed_mbps": link.speed_mbps,
+                        "imissed": imissed, "ierrors": ierrors, "oerrors": oerrors,
+                    });
+                }
+                v
+            })
+            .collect()
+    });
     json!({ "pmds": pmds, "ports": ports })
 }
 
@@ -193,12 +209,15 @@ fn format_stats(v: &Value) -> String {
     out
 }
 
-/// `ringswitch ctl`: send one command, print the answer.
+/// `ringswitch ctl`: send one command, return the answer (an `error: …` answer is an error).
 pub fn client(path: &Path, cmd: &str) -> anyhow::Result<String> {
     let mut s = UnixStream::connect(path)
         .with_context(|| format!("connect to {} (is ringswitch running?)", path.display()))?;
     s.write_all(format!("{cmd}\n").as_bytes())?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
+    if let Some(e) = out.strip_prefix("error: ") {
+        anyhow::bail!("{}", e.trim_end());
+    }
     Ok(out)
 }

@@ -45,6 +45,10 @@ enum CtlCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Start a port described by a port file (as in ports.d/) in the running switch.
+    AddPort { file: PathBuf },
+    /// Stop and remove a port; the others keep running.
+    DelPort { name: String },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,10 +57,18 @@ fn main() -> anyhow::Result<()> {
     match (cli.cmd, cli.config) {
         (Some(Cmd::Ctl { socket, what }), _) => {
             let cmd = match what {
-                CtlCmd::Stats { json: true } => "stats-json",
-                CtlCmd::Stats { json: false } => "stats",
+                CtlCmd::Stats { json: true } => "stats-json".to_string(),
+                CtlCmd::Stats { json: false } => "stats".to_string(),
+                // The switch reads the file: give it an absolute path.
+                CtlCmd::AddPort { file } => format!(
+                    "add-port {}",
+                    std::fs::canonicalize(&file)
+                        .with_context(|| format!("{}", file.display()))?
+                        .display()
+                ),
+                CtlCmd::DelPort { name } => format!("del-port {name}"),
             };
-            print!("{}", ctl::client(&socket, cmd)?);
+            print!("{}", ctl::client(&socket, &cmd)?);
             Ok(())
         }
         (Some(Cmd::Check { config }), _) => {
@@ -79,23 +91,14 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     ctl::serve(&cfg.control_socket, sw.clone())?;
     log::info!(
         "ringswitch running: {} port(s), PMD core(s) {:?}, control socket {}",
-        sw.ports.len(),
+        sw.with_ports(|p| p.len()),
         cfg.pmd_cores,
         cfg.control_socket.display()
     );
     if let Some(sig) = signals.forever().next() {
         log::info!("signal {sig}: stopping");
     }
-    for p in &cfg.ports {
-        if let config::PortKind::VhostUser {
-            mode: config::VhostMode::Server,
-            socket,
-            ..
-        } = &p.kind
-        {
-            let _ = std::fs::remove_file(socket);
-        }
-    }
+    sw.remove_sockets();
     let _ = std::fs::remove_file(&cfg.control_socket);
     // Exit without joining the port threads (they block in accept/recv); the OS unmaps guest memory.
     std::process::exit(0)

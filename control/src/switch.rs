@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -21,7 +22,7 @@ use dataplane::tap::Tap;
 use dataplane::{CoreId, PortId};
 use vhost::vhost_user::BackendReqHandler;
 
-use crate::config::{Config, PortConfig, PortKind, SocketPerm, VhostMode};
+use crate::config::{Config, PortConfig, PortKind, PortSet, SocketPerm, VhostMode};
 use crate::vhost_user::VhostUserDevice;
 
 /// What `ctl` can see of a port.
@@ -40,12 +41,25 @@ pub struct PortInfo {
     pub dpdk_port: Option<u16>,
     /// Why the port is not running (a device port that failed to start; the others run).
     pub error: Option<String>,
+    id: PortId,
+    config: PortConfig,
+    /// The PMD that holds the port (None: it failed to start, no PMD has it).
+    pmd: Option<Arc<PmdHandle>>,
+    /// vhost-user: the thread serving the socket.
+    thread: Option<PortThread>,
 }
 
 pub struct Switch {
     pub pmds: Vec<Arc<PmdHandle>>,
-    pub ports: Vec<PortInfo>,
     pub tsc_hz: u64,
+    /// Ports, what they hold unique, and the DPDK pools; control threads only (start, ctl).
+    inner: Mutex<Ports>,
+}
+
+struct Ports {
+    list: Vec<PortInfo>,
+    set: PortSet,
+    pools: DpdkPools,
 }
 
 impl Switch {
@@ -58,39 +72,114 @@ impl Switch {
             .iter()
             .map(|&c| PmdHandle::spawn(CoreId(c)).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let tsc_hz = dataplane::tsc::hz();
-        let pmd_of = |i: usize| i % pmds.len();
-        let mut pools = DpdkPools::new(cfg, pmds.len());
-        let mut ports = Vec::new();
-        for (i, pc) in cfg.ports.iter().enumerate() {
-            let id = PortId(i as u16);
-            let pmd = pmds[pmd_of(i)].clone();
-            let context = || format!("port {} ({})", pc.name, pc.file.display());
-            let started = match &pc.kind {
-                PortKind::VhostUser { .. } => {
-                    start_vhost_port(pc, id, pmd).with_context(context)?
-                }
-                PortKind::Dpdk { .. } => pools
-                    .pool(pmd_of(i))
-                    .and_then(|pool| start_dpdk_port(pc, id, &pmd, pool))
-                    .with_context(context)
-                    .unwrap_or_else(|e| PortInfo::failed(pc, e)),
-                PortKind::Tap { ifname } => start_tap_port(pc, id, &pmd, ifname)
-                    .with_context(context)
-                    .unwrap_or_else(|e| PortInfo::failed(pc, e)),
-            };
-            ports.push(started);
-        }
-        Ok(Switch {
+        let sw = Switch {
+            tsc_hz: dataplane::tsc::hz(),
+            inner: Mutex::new(Ports {
+                list: Vec::new(),
+                set: PortSet::default(),
+                pools: DpdkPools::new(cfg, pmds.len()),
+            }),
             pmds,
-            ports,
-            tsc_hz,
-        })
+        };
+        for pc in &cfg.ports {
+            let vhost = matches!(pc.kind, PortKind::VhostUser { .. });
+            match sw.add_port(pc.clone()) {
+                Ok(_) => {}
+                Err(e) if vhost => return Err(e),
+                Err(e) => {
+                    log::error!("{e:#}; the other ports run without it");
+                    let mut ports = sw.ports();
+                    let id = free_id(&ports.list).unwrap_or(PortId(0));
+                    let mut info = PortInfo::new(pc, id, Vec::new());
+                    info.error = Some(format!("{e:#}"));
+                    ports.set.insert(pc)?;
+                    ports.list.push(info);
+                }
+            }
+        }
+        Ok(sw)
+    }
+
+    fn ports(&self) -> std::sync::MutexGuard<'_, Ports> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Read the ports (for `ctl`).
+    pub fn with_ports<R>(&self, f: impl FnOnce(&[PortInfo]) -> R) -> R {
+        f(&self.ports().list)
+    }
+
+    /// Start one more port (at start-up, or `ctl add-port`). Nothing of it remains on failure.
+    pub fn add_port(&self, pc: PortConfig) -> anyhow::Result<()> {
+        let mut ports = self.ports();
+        let context = || format!("port {} ({})", pc.name, pc.file.display());
+        ports.set.insert(&pc)?;
+        let id = free_id(&ports.list)
+            .with_context(|| format!("more than {} ports", dataplane::pmd::MAX_PORTS))
+            .with_context(context);
+        let started = id.and_then(|id| {
+            let pmd = self.pmds[id.0 as usize % self.pmds.len()].clone();
+            match &pc.kind {
+                PortKind::VhostUser { .. } => start_vhost_port(&pc, id, pmd),
+                PortKind::Dpdk { .. } => ports
+                    .pools
+                    .pool_for(id.0 as usize % self.pmds.len(), &pc)
+                    .and_then(|pool| start_dpdk_port(&pc, id, pmd, pool)),
+                PortKind::Tap { ifname } => start_tap_port(&pc, id, pmd, ifname),
+            }
+            .with_context(context)
+        });
+        match started {
+            Ok(info) => ports.list.push(info),
+            Err(e) => {
+                ports.set.remove(&pc);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop and remove a port (`ctl del-port`): its thread ends, its PMD lets go of it at a
+    /// quiescent point, and only then are its guest memory, device or tap released.
+    pub fn del_port(&self, name: &str) -> anyhow::Result<()> {
+        let mut ports = self.ports();
+        let i = ports
+            .list
+            .iter()
+            .position(|p| p.name == name)
+            .with_context(|| format!("no port {name:?}"))?;
+        let info = ports.list.remove(i);
+        ports.set.remove(&info.config);
+        drop(ports);
+        info.stop()?;
+        log::info!("port {name}: removed");
+        Ok(())
+    }
+
+    /// Remove the sockets ringswitch created (at exit).
+    pub fn remove_sockets(&self) {
+        for p in &self.ports().list {
+            if let PortKind::VhostUser {
+                mode: VhostMode::Server,
+                socket,
+                ..
+            } = &p.config.kind
+            {
+                let _ = std::fs::remove_file(socket);
+            }
+        }
     }
 }
 
+/// The lowest port id no port has.
+fn free_id(list: &[PortInfo]) -> Option<PortId> {
+    (0..dataplane::pmd::MAX_PORTS as u16)
+        .map(PortId)
+        .find(|id| list.iter().all(|p| p.id != *id))
+}
+
 impl PortInfo {
-    fn new(pc: &PortConfig, queues: Vec<Arc<QueueStats>>) -> PortInfo {
+    fn new(pc: &PortConfig, id: PortId, queues: Vec<Arc<QueueStats>>) -> PortInfo {
         let (kind, endpoint) = match &pc.kind {
             PortKind::VhostUser { socket, .. } => ("vhost-user", socket.display().to_string()),
             PortKind::Dpdk { devargs, .. } => ("dpdk", devargs.clone()),
@@ -104,15 +193,61 @@ impl PortInfo {
             connected: Arc::new(AtomicBool::new(false)),
             dpdk_port: None,
             error: None,
+            id,
+            config: pc.clone(),
+            pmd: None,
+            thread: None,
         }
     }
 
-    fn failed(pc: &PortConfig, e: anyhow::Error) -> PortInfo {
-        log::error!("{e:#}; the other ports run without it");
-        let mut info = PortInfo::new(pc, Vec::new());
-        info.error = Some(format!("{e:#}"));
-        info
+    fn stop(self) -> anyhow::Result<()> {
+        if let Some(t) = &self.thread {
+            t.stop();
+        }
+        if let Some(pmd) = &self.pmd {
+            // Dropped here, on control, after the PMD handed it back.
+            drop(pmd.remove_port(self.id)?);
+        }
+        if let PortKind::VhostUser {
+            mode: VhostMode::Server,
+            socket,
+            ..
+        } = &self.config.kind
+        {
+            let _ = std::fs::remove_file(socket);
+        }
+        Ok(())
     }
+}
+
+/// The control thread serving a vhost-user port's socket, and how to stop it: a flag, and
+/// `shutdown` of the listening socket and of the current connection, which wakes the thread
+/// from `accept` or `recv`.
+struct PortThread {
+    stop: Arc<AtomicBool>,
+    listener: Option<UnixListener>,
+    conn: Arc<Mutex<Option<UnixStream>>>,
+    handle: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl PortThread {
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(l) = &self.listener {
+            // SAFETY: shutdown on a socket we own (a dup of the listening socket).
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        if let Some(c) = lock(&self.conn).as_ref() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(h) = lock(&self.handle).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Fresh counters for `pairs` queue pairs.
@@ -126,10 +261,28 @@ fn queue_stats(pairs: u16) -> Vec<Arc<QueueStats>> {
 /// first one.
 struct DpdkPools {
     eal_args: Vec<String>,
-    /// Per PMD: mbufs the RX rings and TX rings of its ports can hold.
+    /// Per PMD: mbufs the RX and TX rings of the configured ports can hold.
     need: Vec<u32>,
+    /// Frame bytes one mbuf holds: enough for the largest configured MTU.
     frame_room: u32,
     pools: HashMap<usize, Arc<Mempool>>,
+}
+
+/// Mbufs a DPDK port's rings can hold, and the frame room its MTU needs (Ethernet header and
+/// one VLAN tag beyond the MTU).
+fn dpdk_needs(pc: &PortConfig) -> (u32, u32) {
+    match pc.kind {
+        PortKind::Dpdk {
+            mtu,
+            rx_desc,
+            tx_desc,
+            ..
+        } => (
+            pc.queues as u32 * (rx_desc as u32 + tx_desc as u32),
+            (mtu.unwrap_or(1500) as u32 + 18).max(2048),
+        ),
+        _ => (0, 0),
+    }
 }
 
 impl DpdkPools {
@@ -137,17 +290,9 @@ impl DpdkPools {
         let mut need = vec![0u32; n_pmds];
         let mut frame_room = 2048;
         for (i, pc) in cfg.ports.iter().enumerate() {
-            if let PortKind::Dpdk {
-                mtu,
-                rx_desc,
-                tx_desc,
-                ..
-            } = pc.kind
-            {
-                need[i % n_pmds] += pc.queues as u32 * (rx_desc as u32 + tx_desc as u32);
-                // Ethernet header plus one VLAN tag beyond the MTU.
-                frame_room = frame_room.max(mtu.unwrap_or(1500) as u32 + 18);
-            }
+            let (n, room) = dpdk_needs(pc);
+            need[i % n_pmds] += n;
+            frame_room = frame_room.max(room);
         }
         DpdkPools {
             eal_args: cfg.eal_args.clone(),
@@ -157,18 +302,24 @@ impl DpdkPools {
         }
     }
 
-    fn pool(&mut self, pmd: usize) -> anyhow::Result<Arc<Mempool>> {
+    /// The pool of PMD `pmd`, for port `pc` to draw from; made (and the EAL started) the first
+    /// time. A port added later must fit the pool made for the configured ports.
+    fn pool_for(&mut self, pmd: usize, pc: &PortConfig) -> anyhow::Result<Arc<Mempool>> {
+        let (n, room) = dpdk_needs(pc);
         if let Some(p) = self.pools.get(&pmd) {
+            anyhow::ensure!(
+                room <= p.frame_room,
+                "its MTU needs {room}-byte mbufs, the running pool has {} (configure the largest MTU at start)",
+                p.frame_room
+            );
             return Ok(p.clone());
         }
         dpdk::eal_init(&self.eal_args)?;
         // Rings full, plus what PMD bursts and per-lcore caches hold; 2^k - 1 suits the ring.
-        let n = (self.need[pmd] + 4096).next_power_of_two() - 1;
-        let pool = Mempool::new(&format!("rs_pmd{pmd}"), n, self.frame_room)?;
-        log::info!(
-            "DPDK: mbuf pool for PMD {pmd}: {n} mbufs of {} bytes",
-            self.frame_room
-        );
+        let n = (self.need[pmd].max(n) + 4096).next_power_of_two() - 1;
+        let room = self.frame_room.max(room);
+        let pool = Mempool::new(&format!("rs_pmd{pmd}"), n, room)?;
+        log::info!("DPDK: mbuf pool for PMD {pmd}: {n} mbufs of {room} bytes");
         self.pools.insert(pmd, pool.clone());
         Ok(pool)
     }
@@ -177,7 +328,7 @@ impl DpdkPools {
 fn start_dpdk_port(
     pc: &PortConfig,
     id: PortId,
-    pmd: &PmdHandle,
+    pmd: Arc<PmdHandle>,
     pool: Arc<Mempool>,
 ) -> anyhow::Result<PortInfo> {
     let PortKind::Dpdk {
@@ -199,7 +350,7 @@ fn start_dpdk_port(
     let dev = EthDev::open(devargs, &cfg, pool)?;
     let (port_id, mac) = (dev.port_id, dev.mac);
     let link = dpdk::link(port_id);
-    let mut info = PortInfo::new(pc, queue_stats(pc.queues));
+    let mut info = PortInfo::new(pc, id, queue_stats(pc.queues));
     let from_port = info.queues.iter().skip(1).step_by(2).cloned().collect();
     // One PMD sends on TX queue 0; more PMDs would each take a queue of their own.
     pmd.add_port(EthPortRt::new(
@@ -220,19 +371,20 @@ fn start_dpdk_port(
     );
     info.connected.store(true, Ordering::Relaxed);
     info.dpdk_port = Some(port_id);
+    info.pmd = Some(pmd);
     Ok(info)
 }
 
 fn start_tap_port(
     pc: &PortConfig,
     id: PortId,
-    pmd: &PmdHandle,
+    pmd: Arc<PmdHandle>,
     ifname: &str,
 ) -> anyhow::Result<PortInfo> {
     let queues = (0..pc.queues)
         .map(|_| Tap::open(ifname))
         .collect::<Result<Vec<_>, _>>()?;
-    let info = PortInfo::new(pc, queue_stats(pc.queues));
+    let mut info = PortInfo::new(pc, id, queue_stats(pc.queues));
     pmd.add_port(Box::new(TapPortRt {
         id,
         queues: queues.into_boxed_slice(),
@@ -241,6 +393,7 @@ fn start_tap_port(
     }))?;
     log::info!("port {}: tap {ifname} with {} queue(s)", pc.name, pc.queues);
     info.connected.store(true, Ordering::Relaxed);
+    info.pmd = Some(pmd);
     Ok(info)
 }
 
@@ -257,24 +410,34 @@ fn start_vhost_port(pc: &PortConfig, id: PortId, pmd: Arc<PmdHandle>) -> anyhow:
     else {
         anyhow::bail!("not a vhost-user port");
     };
-    let info = PortInfo::new(pc, queue_stats(pc.queues));
-    pmd.add_port(VhostPortRt::new(id, pc.queues as usize))?;
-    let device = Arc::new(Mutex::new(VhostUserDevice::new(
-        pc.name.clone(),
-        id,
-        pmd,
-        info.queues.clone(),
-    )));
     let listener = match mode {
         VhostMode::Server => Some(bind_socket(socket, *socket_perm)?),
         VhostMode::Client => None,
     };
-    let (name, path, flag) = (pc.name.clone(), socket.clone(), info.connected.clone());
-    std::thread::Builder::new()
+    let mut info = PortInfo::new(pc, id, queue_stats(pc.queues));
+    pmd.add_port(VhostPortRt::new(id, pc.queues as usize))?;
+    let device = Arc::new(Mutex::new(VhostUserDevice::new(
+        pc.name.clone(),
+        id,
+        pmd.clone(),
+        info.queues.clone(),
+    )));
+    let stop = Arc::new(AtomicBool::new(false));
+    let conn = Arc::new(Mutex::new(None));
+    let thread_listener = listener.as_ref().map(|l| l.try_clone()).transpose()?;
+    let serve = Serve {
+        name: pc.name.clone(),
+        dev: device,
+        connected: info.connected.clone(),
+        stop: stop.clone(),
+        conn: conn.clone(),
+    };
+    let path = socket.clone();
+    let handle = std::thread::Builder::new()
         .name(format!("vhost-{}", pc.name))
-        .spawn(move || match listener {
-            Some(l) => serve_listener(&name, l, device, &flag),
-            None => serve_client(&name, &path, device, &flag),
+        .spawn(move || match thread_listener {
+            Some(l) => serve.listener(l),
+            None => serve.client(&path),
         })
         .context("spawn port thread")?;
     log::info!(
@@ -284,6 +447,13 @@ fn start_vhost_port(pc: &PortConfig, id: PortId, pmd: Arc<PmdHandle>) -> anyhow:
         socket.display(),
         pc.queues
     );
+    info.thread = Some(PortThread {
+        stop,
+        listener,
+        conn,
+        handle: Mutex::new(Some(handle)),
+    });
+    info.pmd = Some(pmd);
     Ok(info)
 }
 
@@ -308,41 +478,66 @@ pub fn bind_socket(path: &Path, perm: SocketPerm) -> anyhow::Result<UnixListener
     Ok(l)
 }
 
-fn serve_listener(
-    name: &str,
-    l: UnixListener,
+/// What a vhost-user port thread serves connections with.
+struct Serve {
+    name: String,
     dev: Arc<Mutex<VhostUserDevice>>,
-    flag: &AtomicBool,
-) {
-    for stream in l.incoming() {
-        match stream {
-            Ok(s) => serve_connection(name, s, &dev, flag),
-            Err(e) => {
-                log::error!("port {name}: accept: {e}");
-                std::thread::sleep(Duration::from_millis(100));
+    connected: Arc<AtomicBool>,
+    /// Set by `PortThread::stop` (Relaxed: the shutdown that follows it is what wakes us).
+    stop: Arc<AtomicBool>,
+    /// The current connection, for `PortThread::stop` to shut down.
+    conn: Arc<Mutex<Option<UnixStream>>>,
+}
+
+impl Serve {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn serve(&self, s: UnixStream) {
+        *lock(&self.conn) = s.try_clone().ok();
+        // A stop that came before the connection was registered must still end it.
+        if !self.stopped() {
+            serve_connection(&self.name, s, &self.dev, &self.connected);
+        }
+        *lock(&self.conn) = None;
+    }
+
+    fn listener(&self, l: UnixListener) {
+        for stream in l.incoming() {
+            if self.stopped() {
+                return;
+            }
+            match stream {
+                Ok(s) => self.serve(s),
+                Err(e) => {
+                    log::error!("port {}: accept: {e}", self.name);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
         }
     }
-}
 
-/// Client mode: connect to the frontend's socket, and again (with backoff) whenever it goes.
-fn serve_client(name: &str, path: &Path, dev: Arc<Mutex<VhostUserDevice>>, flag: &AtomicBool) {
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        match UnixStream::connect(path) {
-            Ok(s) => {
-                backoff = Duration::from_millis(50);
-                serve_connection(name, s, &dev, flag);
-            }
-            Err(e)
-                if e.kind() == ErrorKind::NotFound || e.kind() == ErrorKind::ConnectionRefused =>
-            {
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => {
-                log::warn!("port {name}: connect {}: {e}", path.display());
-                std::thread::sleep(Duration::from_secs(1));
+    /// Client mode: connect to the frontend's socket, and again (with backoff) whenever it goes.
+    fn client(&self, path: &Path) {
+        let mut backoff = Duration::from_millis(50);
+        while !self.stopped() {
+            match UnixStream::connect(path) {
+                Ok(s) => {
+                    backoff = Duration::from_millis(50);
+                    self.serve(s);
+                }
+                Err(e)
+                    if e.kind() == ErrorKind::NotFound
+                        || e.kind() == ErrorKind::ConnectionRefused =>
+                {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    log::warn!("port {}: connect {}: {e}", self.name, path.display());
+                    std::thread::sleep(Duration::from_secs(1));
+                }
             }
         }
     }

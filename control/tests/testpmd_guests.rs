@@ -257,3 +257,155 @@ fn bad_config_is_refused_with_file_line_and_key() {
         "{err}"
     );
 }
+
+/// `ctl add-port FILE` and `ctl del-port NAME` while an io-forward loop runs through two other
+/// ports: the new port appears (socket created) and goes (socket removed), and the running
+/// ports count no drops meanwhile and keep moving traffic.
+#[test]
+fn add_and_del_port_at_run_time_drop_nothing() {
+    let sw = Switch::start("addel", 2);
+    let cmd = sw.dir.join("txfirst.cmd");
+    std::fs::write(&cmd, "start tx_first 32\n").unwrap();
+    let mut g = Testpmd::start(
+        &sw.dir,
+        "loop",
+        &[
+            Testpmd::virtio(0, &sw.sock(0)),
+            Testpmd::virtio(1, &sw.sock(1)),
+        ],
+        &[
+            "--forward-mode=io",
+            &format!("--cmdline-file={}", cmd.display()),
+        ],
+    );
+    g.wait_output("Rx-pps", Duration::from_secs(20));
+    sleep(2.0);
+    let drops = |s: &serde_json::Value| -> Vec<u64> {
+        (0..2)
+            .flat_map(|p| {
+                let port = sw.port(s, p);
+                ["from_port", "to_port"].map(|side| {
+                    port[side]
+                        .as_object()
+                        .unwrap()
+                        .iter()
+                        .filter(|(k, _)| k.starts_with("drop_"))
+                        .map(|(_, v)| v.as_u64().unwrap())
+                        .sum::<u64>()
+                })
+            })
+            .collect()
+    };
+    let moved = |s: &serde_json::Value| sw.port(s, 1)["to_port"]["packets"].as_u64().unwrap();
+    let before = sw.stats();
+
+    let extra = sw.dir.join("p2.toml");
+    let sock = sw.sock(2);
+    std::fs::write(
+        &extra,
+        format!(
+            "name = \"p2\"\ntype = \"vhost-user\"\nsocket = \"{}\"\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let ok = sw.ctl(&["add-port", extra.to_str().unwrap()]);
+    assert!(ok.contains("ok"), "{ok}");
+    assert!(sock.exists(), "added port's socket");
+    assert_eq!(sw.stats()["ports"][2]["name"], "p2");
+    // The same file again: refused, by name.
+    let err = sw.ctl_err(&["add-port", extra.to_str().unwrap()]);
+    assert!(err.contains("p2") && err.contains("name"), "{err}");
+    // A guest on the new port, connected when the port is removed under it.
+    let mut g2 = Testpmd::on_port(&sw, "p2", 2, "rxonly");
+    sleep(1.0);
+    let ok = sw.ctl(&["del-port", "p2"]);
+    assert!(ok.contains("ok"), "{ok}");
+    assert!(!sock.exists(), "removed port's socket");
+    assert_eq!(sw.stats()["ports"].as_array().unwrap().len(), 2);
+    assert!(sw.ctl_err(&["del-port", "p2"]).contains("no port"));
+    g2.stop();
+    sleep(1.0);
+
+    let after = sw.stats();
+    assert_eq!(drops(&after), drops(&before), "drops on the running ports");
+    assert!(
+        moved(&after) > moved(&before) + 100_000,
+        "traffic kept flowing"
+    );
+    g.stop();
+    sw.check_accounting();
+}
+
+/// `mode = "client"` ports connect to frontends that listen (testpmd virtio-user `server=1`),
+/// and when the frontend goes and comes back, reconnect by themselves (with backoff) and carry
+/// traffic again. (A restart of ringswitch itself is not tested against testpmd: 22.11's
+/// virtio-user server mode does not accept a new backend after its first one vanished.)
+#[test]
+fn client_mode_ports_reconnect_to_a_restarted_frontend() {
+    let sw_dir = tmpdir("client-guests");
+    let socks = [sw_dir.join("g0.sock"), sw_dir.join("g1.sock")];
+    let ports: String = socks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                "[[port]]\nname = \"c{i}\"\ntype = \"vhost-user\"\nmode = \"client\"\nsocket = \"{}\"\n",
+                s.display()
+            )
+        })
+        .collect();
+    let cmd = sw_dir.join("txfirst.cmd");
+    std::fs::write(&cmd, "start tx_first 32\n").unwrap();
+    // The guest creates the sockets and waits for a backend.
+    let guest = |name: &str| {
+        let vdev = |i: usize| {
+            format!(
+                "net_virtio_user{i},path={},queues=1,server=1",
+                socks[i].display()
+            )
+        };
+        Testpmd::start(
+            &sw_dir,
+            name,
+            &[vdev(0), vdev(1)],
+            &[
+                "--forward-mode=io",
+                &format!("--cmdline-file={}", cmd.display()),
+            ],
+        )
+    };
+    let flows = |sw: &Switch| {
+        sw.wait_connected(0, true);
+        sw.wait_connected(1, true);
+        let first = sw.port(&sw.stats(), 1)["to_port"]["packets"]
+            .as_u64()
+            .unwrap();
+        for _ in 0..100 {
+            sleep(0.1);
+            let now = sw.port(&sw.stats(), 1)["to_port"]["packets"]
+                .as_u64()
+                .unwrap();
+            if now > first + 10_000 {
+                return;
+            }
+        }
+        panic!("no traffic through the client-mode ports\n{}", sw.log());
+    };
+    // The switch first: it retries until the guest's sockets exist.
+    let sw = Switch::with_config("client", "", &ports);
+    sleep(0.5);
+    let mut g = guest("srv1");
+    flows(&sw);
+    g.kill();
+    sw.wait_connected(0, false);
+    sw.wait_connected(1, false);
+    // A killed testpmd leaves its sockets behind and will not bind over them.
+    for s in &socks {
+        std::fs::remove_file(s).unwrap();
+    }
+    let mut g = guest("srv2");
+    flows(&sw);
+    g.stop();
+    sw.check_accounting();
+}

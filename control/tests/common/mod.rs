@@ -85,19 +85,35 @@ impl Switch {
         self.dir.join(format!("p{port}.sock"))
     }
 
-    pub fn stats(&self) -> Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_ringswitch"))
+    fn ctl_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_ringswitch"))
             .args(["ctl", "--socket"])
             .arg(self.dir.join("ctl.sock"))
-            .args(["stats", "--json"])
+            .args(args)
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// `ringswitch ctl ARGS`, which must succeed; its output.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = self.ctl_output(args);
         assert!(
             out.status.success(),
-            "ctl failed: {}",
+            "ctl {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_slice(&out.stdout).unwrap()
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `ringswitch ctl ARGS`, which must fail; its error message.
+    pub fn ctl_err(&self, args: &[&str]) -> String {
+        let out = self.ctl_output(args);
+        assert!(!out.status.success(), "ctl {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn stats(&self) -> Value {
+        serde_json::from_str(&self.ctl(&["stats", "--json"])).unwrap()
     }
 
     pub fn port(&self, stats: &Value, port: usize) -> Value {
