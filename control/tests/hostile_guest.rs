@@ -1,0 +1,193 @@
+//! A hostile guest on one port — our own Rust frontend (perf::frontend) writing evil rings and
+//! sending garbage messages — while a testpmd guest forwards traffic in a loop through two other
+//! ports. The switch must refuse and count everything the hostile guest does, return its chains,
+//! and leave the other ports' traffic flowing with no drops.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use perf::frontend::{
+    Device, DriverRing, GuestMemory, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+};
+use serde_json::Value;
+
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(t.elapsed() < Duration::from_secs(10), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// Sum of every drop counter of a port, both directions.
+fn port_drops(p: &Value) -> u64 {
+    ["from_port", "to_port"]
+        .iter()
+        .flat_map(|side| p[side].as_object().unwrap().iter())
+        .filter(|(k, _)| k.starts_with("drop_"))
+        .map(|(_, v)| n(v))
+        .sum()
+}
+
+/// Send raw bytes as vhost-user messages and expect the switch to close the connection.
+/// `then_hang_up`: the bytes end mid-message, so the frontend closes its side, as one that
+/// died would.
+fn garbage_is_refused(sock: &std::path::Path, bytes: &[u8], then_hang_up: bool) {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    if then_hang_up {
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut buf = [0u8; 256];
+    // A reply to a request it could parse is allowed; then the switch must close.
+    for _ in 0..4 {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("connection not closed after {bytes:02x?}: {e}"),
+        }
+    }
+    panic!("connection not closed after {bytes:02x?}");
+}
+
+fn header(request: u32, flags: u32, size: u32) -> Vec<u8> {
+    [request, flags, size]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
+}
+
+#[test]
+fn hostile_guest_is_contained_while_others_forward() {
+    let mut sw = Switch::start("hostile", 3);
+    let cmd = sw.dir.join("txfirst.cmd");
+    // 128 frames circulating: the loop never fills an RX ring, so it drops nothing itself.
+    std::fs::write(&cmd, "start tx_first 4\n").unwrap();
+    let mut good = Testpmd::start(
+        &sw.dir,
+        "loop",
+        &[
+            Testpmd::virtio(0, &sw.sock(0)),
+            Testpmd::virtio(1, &sw.sock(1)),
+        ],
+        &[
+            "--forward-mode=io",
+            &format!("--cmdline-file={}", cmd.display()),
+        ],
+    );
+    good.wait_output("Rx-pps", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(1));
+    let before = sw.stats();
+
+    // The hostile guest: 4 MiB of memory, a 16-entry RX ring and TX ring.
+    let mem = GuestMemory::new(4 << 20).unwrap();
+    let (mut rx, next) = DriverRing::at(0x1000, 16);
+    let (mut tx, _) = DriverRing::at(next, 16);
+    // RX buffers the switch must refuse: outside memory, running past its end, read-only.
+    rx.set_desc(&mem, 0, 0x7fff_0000_0000, 2048, VIRTQ_DESC_F_WRITE, 0);
+    rx.set_desc(&mem, 1, 0x3f_fc00, 0x10_0000, VIRTQ_DESC_F_WRITE, 0);
+    rx.set_desc(&mem, 2, 0x10_0000, 2048, 0, 0);
+    for h in 0..3 {
+        rx.publish(&mem, h);
+    }
+    // TX chains, every one malformed but the last.
+    let frame_at = 0x20_0000;
+    let mut frame = vec![0u8; 12]; // virtio-net header
+    frame.extend([2, 0, 0, 0, 0, 0x99, 2, 0, 0, 0, 0, 0x66, 0x88, 0xb5]);
+    frame.resize(12 + 64, 0xab);
+    mem.write(frame_at, &frame);
+    let table_at = 0x30_0000;
+    let (f, nx, ind) = (VIRTQ_DESC_F_NEXT, 0u16, VIRTQ_DESC_F_INDIRECT);
+    tx.set_desc(&mem, 0, frame_at, 40, f, 1); // a loop: 0 → 1 → 0
+    tx.set_desc(&mem, 1, frame_at, 40, f, 0);
+    tx.set_desc(&mem, 2, 0x7fff_0000_0000, 76, 0, nx); // outside guest memory
+    tx.set_desc(&mem, 3, frame_at, 0xffff_fff0, 0, nx); // a huge length
+    tx.set_desc(&mem, 4, mem.size() - 32, 76, 0, nx); // crossing the end of memory
+    tx.set_desc(&mem, 5, table_at, 20, ind, nx); // indirect table, not a multiple of 16
+    tx.set_desc(&mem, 6, table_at, 16, ind, nx); // indirect table holding an indirect entry
+    let nested = DriverRing {
+        size: 1,
+        desc: table_at,
+        avail: 0,
+        used: 0,
+        avail_idx: 0,
+    };
+    nested.set_desc(&mem, 0, table_at, 16, ind, 0);
+    tx.set_desc(&mem, 7, 0x7fff_ffff_ffff_f000, 0x2000, 0, nx); // address wraps around
+    tx.set_desc(&mem, 8, frame_at, frame.len() as u32, 0, nx); // a good frame
+    for h in [0, 2, 3, 4, 5, 6, 7, 8] {
+        tx.publish(&mem, h);
+    }
+    let dev = Device::connect(&sw.sock(2), &mem, &[&rx, &tx]).unwrap();
+    let _ = dev.kicks[1].write(1);
+
+    // Every chain comes back (length 0), each refused one counted; the good one forwarded.
+    wait_until("hostile TX chains returned", || tx.used_idx(&mem) == 8);
+    let p2 = |sw: &Switch| sw.port(&sw.stats(), 2);
+    let h = p2(&sw);
+    let from = &h["from_port"];
+    assert_eq!(n(&from["packets"]), 8, "{h}");
+    assert_eq!(n(&from["drop_bad_descriptor"]), 7, "{h}");
+    assert_eq!(n(&from["forwarded"]), 1, "{h}");
+    for i in 0..8 {
+        assert_eq!(tx.used_elem(&mem, i).1, 0, "TX used length");
+    }
+    // The loop's flooded frames hit the bad RX buffers: refused, counted, returned empty.
+    wait_until("hostile RX buffers refused", || {
+        n(&p2(&sw)["to_port"]["drop_bad_descriptor"]) >= 3
+    });
+    assert_eq!(rx.used_idx(&mem), 3);
+    assert!((0..3).all(|i| rx.used_elem(&mem, i).1 == 0));
+    // An avail index jump far beyond the ring: that ring is broken, nothing else.
+    tx.set_avail_idx(&mem, tx.avail_idx.wrapping_add(1000));
+    let _ = dev.kicks[1].write(1);
+    wait_until("ring marked broken", || {
+        n(&p2(&sw)["from_port"]["ring_broken"]) == 1
+    });
+    drop(dev);
+    sw.wait_connected(2, false);
+
+    // Garbage on the socket: an unknown request, a truncated one, a memory table without its
+    // file descriptors, a ring index far out of range. Each connection is closed.
+    let sock = sw.sock(2);
+    garbage_is_refused(&sock, &header(9999, 1, 0), false);
+    garbage_is_refused(&sock, &header(1, 1, 0x1000_0000)[..10], true);
+    let mut mt = header(5, 1, 8 + 32);
+    mt.extend(1u32.to_le_bytes());
+    mt.extend(0u32.to_le_bytes());
+    mt.extend([0u8; 32]);
+    garbage_is_refused(&sock, &mt, false);
+    let mut gb = header(3, 1, 0); // SET_OWNER
+    gb.extend(header(11, 1, 8)); // GET_VRING_BASE
+    gb.extend(500u32.to_le_bytes());
+    gb.extend(0u32.to_le_bytes());
+    garbage_is_refused(&sock, &gb, false);
+
+    // The good guest's traffic: still flowing, and not one drop on its ports meanwhile.
+    let mid = sw.stats();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = sw.stats();
+    let moved = |s: &Value| n(&sw.port(s, 1)["to_port"]["packets"]);
+    assert!(moved(&after) > moved(&mid) + 10_000, "loop stalled");
+    for p in 0..2 {
+        assert_eq!(
+            port_drops(&sw.port(&after, p)),
+            port_drops(&sw.port(&before, p)),
+            "drops on good port p{p}: {}",
+            sw.port(&after, p)
+        );
+    }
+    assert!(sw.alive());
+    good.stop();
+    sw.check_accounting();
+}

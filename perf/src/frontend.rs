@@ -1,0 +1,278 @@
+//! A vhost-user frontend written in Rust — a "guest" without a VM: guest memory in one memfd,
+//! split rings laid out and driven by us, and the handshake through rust-vmm `vhost`'s frontend
+//! side. It plays well-behaved or hostile guests against any vhost-user backend (the
+//! hostile-guest test; the traffic tool builds on it). Runs on the caller's thread.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
+
+use anyhow::{ensure, Context};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTQ_DESC_F_NEXT: u16 = 1;
+pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+
+/// An anonymous memory file of `size` bytes, as a frontend passes for its guest memory.
+pub fn memfd(size: u64) -> std::io::Result<File> {
+    let name = CString::new("ringswitch-frontend").unwrap_or_default();
+    // SAFETY: memfd_create with a valid C string; the result is checked before use.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(size)?;
+    Ok(f)
+}
+
+/// Guest memory: one memfd mapped shared; guest-physical address = offset in the file.
+pub struct GuestMemory {
+    file: File,
+    ptr: *mut u8,
+    size: usize,
+}
+
+impl GuestMemory {
+    pub fn new(size: usize) -> anyhow::Result<GuestMemory> {
+        let file = memfd(size as u64).context("memfd")?;
+        // SAFETY: maps the whole file we just sized; checked for MAP_FAILED below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        ensure!(ptr != libc::MAP_FAILED, "mmap guest memory");
+        Ok(GuestMemory {
+            file,
+            ptr: ptr.cast(),
+            size,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size as u64
+    }
+
+    /// Our virtual address of `gpa` (what SET_VRING_ADDR carries).
+    pub fn uva(&self, gpa: u64) -> u64 {
+        self.ptr as u64 + gpa
+    }
+
+    fn at(&self, gpa: u64, len: usize) -> *mut u8 {
+        assert!(
+            gpa as usize + len <= self.size,
+            "gpa {gpa:#x}+{len} outside guest memory"
+        );
+        // SAFETY: just checked to lie inside the mapping.
+        unsafe { self.ptr.add(gpa as usize) }
+    }
+
+    pub fn write(&self, gpa: u64, bytes: &[u8]) {
+        // SAFETY: `at` checked the range; the backend may read it concurrently, as a real
+        // guest's memory is read: bytes, no references kept.
+        unsafe { std::ptr::copy(bytes.as_ptr(), self.at(gpa, bytes.len()), bytes.len()) }
+    }
+
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        // SAFETY: as in `write`.
+        unsafe { std::ptr::copy(self.at(gpa, len), v.as_mut_ptr(), len) };
+        v
+    }
+
+    pub fn write_u16(&self, gpa: u64, v: u16) {
+        // SAFETY: checked range; volatile because the backend reads it concurrently.
+        unsafe { std::ptr::write_volatile(self.at(gpa, 2) as *mut u16, v) }
+    }
+
+    pub fn read_u16(&self, gpa: u64) -> u16 {
+        // SAFETY: checked range; volatile because the backend writes it concurrently.
+        unsafe { std::ptr::read_volatile(self.at(gpa, 2) as *const u16) }
+    }
+
+    pub fn read_u32(&self, gpa: u64) -> u32 {
+        // SAFETY: as in `read_u16`.
+        unsafe { std::ptr::read_volatile(self.at(gpa, 4) as *const u32) }
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped; nothing refers to it after drop.
+        unsafe { libc::munmap(self.ptr.cast(), self.size) };
+    }
+}
+
+/// One split virtqueue in guest memory, driven from the guest's side.
+pub struct DriverRing {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    /// Our next avail index (published in `publish`).
+    pub avail_idx: u16,
+}
+
+impl DriverRing {
+    /// Lay a ring of `size` entries out at `base` (page-aligned parts, as virtio-pci does).
+    /// Returns the ring and the first free address after it.
+    pub fn at(base: u64, size: u16) -> (DriverRing, u64) {
+        let n = size as u64;
+        let desc = base;
+        let avail = desc + 16 * n;
+        let used = (avail + 6 + 2 * n).next_multiple_of(4096);
+        let end = (used + 6 + 8 * n).next_multiple_of(4096);
+        (
+            DriverRing {
+                size,
+                desc,
+                avail,
+                used,
+                avail_idx: 0,
+            },
+            end,
+        )
+    }
+
+    pub fn set_desc(&self, mem: &GuestMemory, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        mem.write(self.desc + 16 * (i % self.size) as u64, &d);
+    }
+
+    /// Make chain `head` available and publish the new index (release, as a guest's wmb).
+    pub fn publish(&mut self, mem: &GuestMemory, head: u16) {
+        let slot = (self.avail_idx % self.size) as u64;
+        mem.write_u16(self.avail + 4 + 2 * slot, head);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.set_avail_idx(mem, self.avail_idx);
+    }
+
+    /// Write `avail.idx` as is: a hostile guest may jump it anywhere.
+    pub fn set_avail_idx(&self, mem: &GuestMemory, idx: u16) {
+        fence(Ordering::Release);
+        mem.write_u16(self.avail + 2, idx);
+    }
+
+    pub fn used_idx(&self, mem: &GuestMemory) -> u16 {
+        let idx = mem.read_u16(self.used + 2);
+        fence(Ordering::Acquire);
+        idx
+    }
+
+    /// (id, len) of used entry `i`.
+    pub fn used_elem(&self, mem: &GuestMemory, i: u16) -> (u32, u32) {
+        let at = self.used + 4 + 8 * (i % self.size) as u64;
+        (mem.read_u32(at), mem.read_u32(at + 4))
+    }
+}
+
+/// A connected vhost-user device: the frontend end of the socket and its rings' eventfds.
+pub struct Device {
+    pub frontend: Frontend,
+    pub kicks: Vec<EventFd>,
+    pub calls: Vec<EventFd>,
+}
+
+impl Device {
+    /// Connect to `socket` and run the handshake a guest driver's frontend would: features
+    /// (VERSION_1 and MRG_RXBUF if offered), protocol features, the memory table (one region),
+    /// then every ring's size, addresses, base, kick, call and enable.
+    pub fn connect(
+        socket: &Path,
+        mem: &GuestMemory,
+        rings: &[&DriverRing],
+    ) -> anyhow::Result<Device> {
+        let mut fe = Frontend::connect(socket, rings.len() as u64)
+            .with_context(|| format!("connect to {}", socket.display()))?;
+        fe.set_owner()?;
+        let offered = fe.get_features()?;
+        let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let want = offered & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF | protocol);
+        fe.set_features(want)?;
+        if want & protocol != 0 {
+            let pf = fe.get_protocol_features()?;
+            fe.set_protocol_features(
+                pf & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK),
+            )?;
+        }
+        fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: mem.size(),
+            userspace_addr: mem.uva(0),
+            mmap_offset: 0,
+            mmap_handle: mem.file.as_raw_fd(),
+        }])?;
+        let (mut kicks, mut calls) = (Vec::new(), Vec::new());
+        for (i, r) in rings.iter().enumerate() {
+            fe.set_vring_num(i, r.size)?;
+            fe.set_vring_addr(
+                i,
+                &VringConfigData {
+                    queue_max_size: r.size,
+                    queue_size: r.size,
+                    flags: 0,
+                    desc_table_addr: mem.uva(r.desc),
+                    used_ring_addr: mem.uva(r.used),
+                    avail_ring_addr: mem.uva(r.avail),
+                    log_addr: None,
+                },
+            )?;
+            fe.set_vring_base(i, 0)?;
+            let (kick, call) = (EventFd::new(0)?, EventFd::new(0)?);
+            fe.set_vring_kick(i, &kick)?;
+            fe.set_vring_call(i, &call)?;
+            if want & protocol != 0 {
+                fe.set_vring_enable(i, true)?;
+            }
+            kicks.push(kick);
+            calls.push(call);
+        }
+        Ok(Device {
+            frontend: fe,
+            kicks,
+            calls,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_and_ring_layout() {
+        let mem = GuestMemory::new(1 << 20).unwrap();
+        let (r, end) = DriverRing::at(0x1000, 16);
+        assert_eq!(
+            (r.desc, r.avail, r.used, end),
+            (0x1000, 0x1100, 0x2000, 0x3000)
+        );
+        let mut r = r;
+        r.set_desc(&mem, 3, 0x8000, 64, VIRTQ_DESC_F_NEXT, 4);
+        assert_eq!(mem.read(0x1000 + 48, 8), 0x8000u64.to_le_bytes());
+        r.publish(&mem, 3);
+        assert_eq!(mem.read_u16(r.avail + 4), 3);
+        assert_eq!(mem.read_u16(r.avail + 2), 1);
+        mem.write(0x2004, &[7, 0, 0, 0, 64, 0, 0, 0]);
+        assert_eq!(r.used_elem(&mem, 0), (7, 64));
+    }
+}
