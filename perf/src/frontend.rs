@@ -6,8 +6,10 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -193,16 +195,56 @@ pub struct Device {
 }
 
 impl Device {
-    /// Connect to `socket` and run the handshake a guest driver's frontend would: features
-    /// (VERSION_1 and MRG_RXBUF if offered), protocol features, the memory table (one region),
-    /// then every ring's size, addresses, base, kick, call and enable.
+    /// Connect to a backend listening on `socket` (its server mode) and run the handshake.
     pub fn connect(
         socket: &Path,
         mem: &GuestMemory,
         rings: &[&DriverRing],
     ) -> anyhow::Result<Device> {
-        let mut fe = Frontend::connect(socket, rings.len() as u64)
+        let fe = Frontend::connect(socket, rings.len() as u64)
             .with_context(|| format!("connect to {}", socket.display()))?;
+        Device::handshake(fe, mem, rings)
+    }
+
+    /// Wait up to `timeout` for a backend to connect to us (its client mode), then run the
+    /// handshake.
+    pub fn accept(
+        listener: &UnixListener,
+        timeout: Duration,
+        mem: &GuestMemory,
+        rings: &[&DriverRing],
+    ) -> anyhow::Result<Device> {
+        listener.set_nonblocking(true)?;
+        let start = Instant::now();
+        let stream = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    ensure!(
+                        start.elapsed() < timeout,
+                        "no backend connected within {timeout:?}"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        stream.set_nonblocking(false)?;
+        Device::handshake(
+            Frontend::from_stream(stream, rings.len() as u64),
+            mem,
+            rings,
+        )
+    }
+
+    /// The handshake a guest driver's frontend runs: features (VERSION_1 and MRG_RXBUF if
+    /// offered), protocol features, the memory table (one region), then every ring's size,
+    /// addresses, base (its used index: everything before it is done), kick, call and enable.
+    fn handshake(
+        mut fe: Frontend,
+        mem: &GuestMemory,
+        rings: &[&DriverRing],
+    ) -> anyhow::Result<Device> {
         fe.set_owner()?;
         let offered = fe.get_features()?;
         let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -236,7 +278,7 @@ impl Device {
                     log_addr: None,
                 },
             )?;
-            fe.set_vring_base(i, 0)?;
+            fe.set_vring_base(i, r.used_idx(mem))?;
             let (kick, call) = (EventFd::new(0)?, EventFd::new(0)?);
             fe.set_vring_kick(i, &kick)?;
             fe.set_vring_call(i, &call)?;

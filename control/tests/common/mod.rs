@@ -112,6 +112,17 @@ impl Switch {
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
+    /// SIGKILL: the switch vanishes without closing anything itself.
+    pub fn kill(&mut self) {
+        // The child is `timeout`; the switch is its child.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-P"])
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn stats(&self) -> Value {
         serde_json::from_str(&self.ctl(&["stats", "--json"])).unwrap()
     }
