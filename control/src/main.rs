@@ -95,8 +95,16 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         cfg.pmd_cores,
         cfg.control_socket.display()
     );
-    if let Some(sig) = signals.forever().next() {
-        log::info!("signal {sig}: stopping");
+    // The main thread watches: for a signal to stop, and for rings a guest corrupted (the PMD
+    // only flags them; saying so is control's job).
+    let mut reported = std::collections::HashSet::new();
+    loop {
+        if let Some(sig) = signals.pending().next() {
+            log::info!("signal {sig}: stopping");
+            break;
+        }
+        sw.report_broken_rings(&mut reported);
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
     sw.remove_sockets();
     let _ = std::fs::remove_file(&cfg.control_socket);

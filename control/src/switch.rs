@@ -156,6 +156,24 @@ impl Switch {
         Ok(())
     }
 
+    /// Log each ring a guest corrupted (flagged by its PMD in `ring_broken`) once; `reported`
+    /// remembers (port, queue) pairs already logged, and forgets them once the flag clears.
+    pub fn report_broken_rings(&self, reported: &mut std::collections::HashSet<(String, usize)>) {
+        for p in &self.ports().list {
+            for (q, s) in p.queues.iter().enumerate() {
+                let key = (p.name.clone(), q);
+                if s.ring_broken.load(Ordering::Relaxed) == 0 {
+                    reported.remove(&key);
+                } else if reported.insert(key) {
+                    log::warn!(
+                        "port {}: the guest corrupted virtqueue {q} (avail index jumped past the ring); it is stopped until the guest resets the device",
+                        p.name
+                    );
+                }
+            }
+        }
+    }
+
     /// Remove the sockets ringswitch created (at exit).
     pub fn remove_sockets(&self) {
         for p in &self.ports().list {

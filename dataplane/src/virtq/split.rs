@@ -131,6 +131,9 @@ impl SplitRing {
             call,
             stats,
         };
+        // A new ring is a reset one. The PMD that flagged the old one has handed it back, so
+        // control is the single writer here.
+        ring.stats.ring_broken.store(0, Ordering::Relaxed);
         // Busy-polled: ask the guest not to kick us (flags without EVENT_IDX, avail_event with).
         ring.used_flags()
             .store(VRING_USED_F_NO_NOTIFY, Ordering::Relaxed);
