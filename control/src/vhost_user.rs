@@ -149,13 +149,6 @@ impl VhostUserDevice {
         let v = &mut self.vrings[index];
         if let Some(ring) = back {
             v.base = ring.last_avail_idx;
-            // The PMD cannot log; the ring comes back here, so say it here.
-            if ring.broken {
-                log::warn!(
-                    "port {}: vring {index} was corrupted by the guest (avail index jumped past the ring) and stayed stopped until this reset",
-                    self.name
-                );
-            }
         }
         v.running = false;
         Ok(())
