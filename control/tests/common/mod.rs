@@ -37,6 +37,17 @@ pub fn vhost_ports(n: usize) -> String {
 pub const TEST_EAL_ARGS: &str =
     r#"eal_args = ["--no-huge", "-m", "256", "--no-shconf", "--no-telemetry", "--no-pci"]"#;
 
+/// Every `drop_*` counter of one side (`from_port`, `to_port`) of a port in `ctl stats --json`.
+pub fn drop_sum(port: &Value, side: &str) -> u64 {
+    port[side]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("drop_"))
+        .map(|(_, v)| v.as_u64().unwrap())
+        .sum()
+}
+
 pub struct Switch {
     child: Child,
     pub dir: PathBuf,
@@ -147,13 +158,7 @@ impl Switch {
         for p in s["ports"].as_array().unwrap() {
             let t = &p["from_port"];
             let n = |k: &str| t[k].as_u64().unwrap();
-            let drops: u64 = t
-                .as_object()
-                .unwrap()
-                .iter()
-                .filter(|(k, _)| k.starts_with("drop_"))
-                .map(|(_, v)| v.as_u64().unwrap())
-                .sum();
+            let drops = drop_sum(p, "from_port");
             assert_eq!(
                 n("packets"),
                 n("forwarded") + drops,
@@ -243,6 +248,28 @@ impl Testpmd {
             &[&format!("--forward-mode={mode}"), "--auto-start"],
         );
         sw.wait_connected(port, true);
+        g
+    }
+
+    /// One guest whose two virtio-user ports sit on switch ports 0 and 1, forwarding io between
+    /// them with `bursts` bursts of 32 frames circulating (`start tx_first N`); returns once
+    /// it reports traffic.
+    pub fn io_loop(sw: &Switch, name: &str, bursts: u32) -> Testpmd {
+        let cmd = sw.dir.join(format!("{name}.cmd"));
+        std::fs::write(&cmd, format!("start tx_first {bursts}\n")).unwrap();
+        let g = Testpmd::start(
+            &sw.dir,
+            name,
+            &[
+                Testpmd::virtio(0, &sw.sock(0)),
+                Testpmd::virtio(1, &sw.sock(1)),
+            ],
+            &[
+                "--forward-mode=io",
+                &format!("--cmdline-file={}", cmd.display()),
+            ],
+        );
+        g.wait_output("Rx-pps", Duration::from_secs(20));
         g
     }
 
