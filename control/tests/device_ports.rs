@@ -288,3 +288,44 @@ fn failed_dpdk_ports_are_named_and_the_others_run() {
     }
     traffic_flows(&sw);
 }
+
+/// DPDK and tap ports removed and added again at run time, twice: the vdev is hot-unplugged
+/// and probed again, the tap device disappears and comes back, and frames flow afterwards
+/// (net_null's frames flooded into the tap).
+#[test]
+fn dpdk_and_tap_ports_deleted_and_added_again() {
+    let tap = format!("rsd{}", std::process::id() % 10_000);
+    let null = "name = \"null\"\ntype = \"dpdk\"\ndevargs = \"net_null0,size=64\"\n".to_string();
+    let tap_port = format!("name = \"t\"\ntype = \"tap\"\nifname = \"{tap}\"\n");
+    let sw = Switch::with_config(
+        "readd",
+        TEST_EAL_ARGS,
+        &format!("[[port]]\n{null}[[port]]\n{tap_port}"),
+    );
+    let (null_file, tap_file) = (sw.dir.join("null.toml"), sw.dir.join("t.toml"));
+    std::fs::write(&null_file, &null).unwrap();
+    std::fs::write(&tap_file, &tap_port).unwrap();
+    let tap_exists = || std::path::Path::new(&format!("/sys/class/net/{tap}")).exists();
+    for _ in 0..2 {
+        sw.ctl(&["del-port", "null"]);
+        sw.ctl(&["del-port", "t"]);
+        assert!(!tap_exists(), "tap {tap} still there after del-port");
+        sw.ctl(&["add-port", null_file.to_str().unwrap()]);
+        sw.ctl(&["add-port", tap_file.to_str().unwrap()]);
+        assert!(tap_exists());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let s = sw.stats();
+    let names: Vec<&str> = s["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["null", "t"]);
+    assert!(
+        s["ports"][1]["to_port"]["packets"].as_u64().unwrap() > 1000,
+        "{s}"
+    );
+    sw.check_accounting();
+}

@@ -15,15 +15,17 @@ use crate::PortId;
 
 pub struct EthPortRt {
     pub id: PortId,
+    // Field order is drop order: the mbufs go back to their pool before `dev` (which holds the
+    // pool) goes.
+    /// Fresh mbufs from the port's pool, taken in bulk.
+    fresh: MbufBurst,
+    /// Filled mbufs waiting for the end of the burst.
+    pending: MbufBurst,
     pub dev: EthDev,
     /// RX queues this PMD polls.
     pub rx_queues: u16,
     /// The TX queue this PMD sends on.
     pub tx_queue: u16,
-    /// Fresh mbufs from the port's pool, taken in bulk.
-    fresh: MbufBurst,
-    /// Filled mbufs waiting for the end of the burst.
-    pending: MbufBurst,
     /// Listed in `RxScratch::dirty`: `pending` is not empty.
     pub dirty: bool,
     /// Frames sent into the port (its TX side).
