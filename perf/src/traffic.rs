@@ -1,0 +1,324 @@
+//! The traffic engine of `rs-traffic`: one thread plays a guest with two vhost-user ports — it
+//! sends timestamped frames from port A's TX ring at a fixed rate (or as fast as the rings
+//! allow), receives them in port B's RX ring, and records one-way latency (TSC, same core) in
+//! an HDR histogram. Works against any vhost-user backend that carries A's frames to B.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+
+use crate::frontend::{Device, DriverRing, GuestMemory, VIRTQ_DESC_F_WRITE};
+
+/// Frames in a burst, as the backends use.
+const BURST: usize = 32;
+const BUF: u64 = 2048;
+const HDR: usize = 12;
+/// Ethertype of timestamped frames (IEEE local experimental) and of the MAC-learning hellos.
+const ETH_TEST: [u8; 2] = [0x88, 0xb5];
+const ETH_HELLO: [u8; 2] = [0x88, 0xb6];
+const VRING_USED_F_NO_NOTIFY: u16 = 1;
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+#[derive(Debug, Clone)]
+pub struct TrafficConfig {
+    /// Ethernet frame bytes (without the virtio-net header), 64..=2000.
+    pub frame_len: usize,
+    /// Frames per second to offer; None: as fast as the rings take them.
+    pub rate: Option<f64>,
+    pub duration: Duration,
+    /// Entries per ring (power of two).
+    pub ring: u16,
+    /// Print a progress line every second (to stderr).
+    pub progress: bool,
+}
+
+pub struct Report {
+    pub sent: u64,
+    pub received: u64,
+    /// Sent but never received (after a drain of 200 ms).
+    pub lost: u64,
+    /// Received out of sequence order.
+    pub reordered: u64,
+    pub seconds: f64,
+    /// One-way latency in nanoseconds.
+    pub latency: Histogram<u64>,
+}
+
+impl Report {
+    pub fn offered_mpps(&self) -> f64 {
+        self.sent as f64 / self.seconds / 1e6
+    }
+    pub fn received_mpps(&self) -> f64 {
+        self.received as f64 / self.seconds / 1e6
+    }
+}
+
+/// One vhost-user port of the traffic guest: its memory, RX and TX rings and buffers
+/// (chain `i` of either ring always uses buffer `i`).
+struct Port {
+    mem: GuestMemory,
+    rx: DriverRing,
+    tx: DriverRing,
+    rx_bufs: u64,
+    tx_bufs: u64,
+    dev: Device,
+    /// TX chains free to send, and the used index reclaimed up to.
+    free: Vec<u16>,
+    tx_used: u16,
+    rx_used: u16,
+    mac: [u8; 6],
+}
+
+impl Port {
+    fn connect(socket: &Path, ring: u16, mac: [u8; 6]) -> anyhow::Result<Port> {
+        let n = ring as u64;
+        let (mut rx, next) = DriverRing::at(0x1000, ring);
+        let (tx, next) = DriverRing::at(next, ring);
+        let rx_bufs = next.next_multiple_of(0x10_0000);
+        let tx_bufs = rx_bufs + n * BUF;
+        let mem = GuestMemory::new((tx_bufs + n * BUF).next_multiple_of(0x10_0000) as usize)?;
+        for i in 0..ring {
+            rx.set_desc(
+                &mem,
+                i,
+                rx_bufs + i as u64 * BUF,
+                BUF as u32,
+                VIRTQ_DESC_F_WRITE,
+                0,
+            );
+            rx.publish(&mem, i);
+        }
+        // We poll: no interrupts, please.
+        for r in [&rx, &tx] {
+            mem.write_u16(r.avail, VRING_AVAIL_F_NO_INTERRUPT);
+        }
+        let dev = Device::connect(socket, &mem, &[&rx, &tx])
+            .with_context(|| format!("port {}", socket.display()))?;
+        Ok(Port {
+            mem,
+            rx,
+            tx,
+            rx_bufs,
+            tx_bufs,
+            dev,
+            free: (0..ring).rev().collect(),
+            tx_used: 0,
+            rx_used: 0,
+            mac,
+        })
+    }
+
+    /// Take back the TX chains the backend is done with.
+    fn reclaim(&mut self) {
+        let used = self.tx.used_idx(&self.mem);
+        while self.tx_used != used {
+            let (id, _) = self.tx.used_elem(&self.mem, self.tx_used);
+            if (id as u16) < self.tx.size {
+                self.free.push(id as u16);
+            }
+            self.tx_used = self.tx_used.wrapping_add(1);
+        }
+    }
+
+    /// Queue one frame: a zero virtio-net header, then `frame`.
+    fn send(&mut self, frame: &[u8]) -> bool {
+        let Some(head) = self.free.pop() else {
+            return false;
+        };
+        let buf = self.tx_bufs + head as u64 * BUF;
+        self.mem.write(buf, &[0u8; HDR]);
+        self.mem.write(buf + HDR as u64, frame);
+        self.tx
+            .set_desc(&self.mem, head, buf, (HDR + frame.len()) as u32, 0, 0);
+        let slot = (self.tx.avail_idx % self.tx.size) as u64;
+        self.mem.write_u16(self.tx.avail + 4 + 2 * slot, head);
+        self.tx.avail_idx = self.tx.avail_idx.wrapping_add(1);
+        true
+    }
+
+    /// Publish what `send` queued, and kick if the backend asks for kicks.
+    fn publish_tx(&mut self) {
+        self.tx.set_avail_idx(&self.mem, self.tx.avail_idx);
+        if self.mem.read_u16(self.tx.used) & VRING_USED_F_NO_NOTIFY == 0 {
+            let _ = self.dev.kicks[1].write(1);
+        }
+    }
+
+    /// Hand each received frame (without its virtio-net header) to `f`, then give the
+    /// buffers back.
+    fn receive(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        let used = self.rx.used_idx(&self.mem);
+        let mut n = 0;
+        while self.rx_used != used {
+            let (id, len) = self.rx.used_elem(&self.mem, self.rx_used);
+            let id = id as u16 % self.rx.size;
+            let buf = self.rx_bufs + id as u64 * BUF;
+            let len = (len as usize).min(BUF as usize);
+            if len > HDR {
+                // Only the first bytes are looked at: headers, sequence and timestamp.
+                let head = self.mem.read(buf + HDR as u64, (len - HDR).min(64));
+                f(&head);
+            }
+            let slot = (self.rx.avail_idx % self.rx.size) as u64;
+            self.mem.write_u16(self.rx.avail + 4 + 2 * slot, id);
+            self.rx.avail_idx = self.rx.avail_idx.wrapping_add(1);
+            self.rx_used = self.rx_used.wrapping_add(1);
+            n += 1;
+        }
+        if n > 0 {
+            self.rx.set_avail_idx(&self.mem, self.rx.avail_idx);
+        }
+        n
+    }
+}
+
+fn frame(dst: [u8; 6], src: [u8; 6], ethertype: [u8; 2], len: usize) -> Vec<u8> {
+    let mut f = Vec::with_capacity(len);
+    f.extend(dst);
+    f.extend(src);
+    f.extend(ethertype);
+    f.resize(len, 0);
+    f
+}
+
+/// Offset of the sequence number and timestamp in a test frame (after the Ethernet header).
+const SEQ_AT: usize = 14;
+const TSC_AT: usize = 22;
+
+/// Run traffic from port A (`a`) to port B (`b`) and measure it.
+pub fn run(a: &Path, b: &Path, cfg: &TrafficConfig) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        (64..=2000).contains(&cfg.frame_len),
+        "frame size must be 64..=2000"
+    );
+    let mut pa = Port::connect(a, cfg.ring, [2, 0, 0, 0, 0, 0xa])?;
+    let mut pb = Port::connect(b, cfg.ring, [2, 0, 0, 0, 0, 0xb])?;
+    let hz = dataplane::tsc::hz() as f64;
+    // Learning switches see each port's MAC once; the hellos are not counted.
+    for (p, other) in [(&mut pa, [0xff; 6]), (&mut pb, [0xff; 6])] {
+        let hello = frame(other, p.mac, ETH_HELLO, 64);
+        p.send(&hello);
+        p.publish_tx();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    pa.receive(|_| {});
+    pb.receive(|_| {});
+
+    let mut template = frame(pb.mac, pa.mac, ETH_TEST, cfg.frame_len);
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let (mut sent, mut received, mut reordered, mut next_seq) = (0u64, 0u64, 0u64, 0u64);
+    let ns_per_tick = 1e9 / hz;
+    let gap = cfg.rate.map(|r| hz / r);
+    let start = dataplane::tsc::now();
+    let end = start + (cfg.duration.as_secs_f64() * hz) as u64;
+    let mut next_send = start as f64;
+    let mut last_report = Instant::now();
+    let (mut sent_at_report, mut recv_at_report) = (0u64, 0u64);
+    loop {
+        let now = dataplane::tsc::now();
+        let sending = now < end;
+        if !sending && now > end + (0.2 * hz) as u64 {
+            break;
+        }
+        if sending {
+            pa.reclaim();
+            let mut queued = 0;
+            while queued < BURST {
+                if let Some(g) = gap {
+                    if (now as f64) < next_send {
+                        break;
+                    }
+                    next_send += g;
+                }
+                let t = dataplane::tsc::now();
+                template[SEQ_AT..SEQ_AT + 8].copy_from_slice(&sent.to_le_bytes());
+                template[TSC_AT..TSC_AT + 8].copy_from_slice(&t.to_le_bytes());
+                if !pa.send(&template) {
+                    break;
+                }
+                sent += 1;
+                queued += 1;
+            }
+            if queued > 0 {
+                pa.publish_tx();
+            }
+            if let Some(g) = gap {
+                // Offered load that the rings could not take is not owed later.
+                next_send = next_send.max(now as f64 - g * BURST as f64);
+            }
+        }
+        pa.receive(|_| {});
+        let t_rx = dataplane::tsc::now();
+        pb.receive(|f| {
+            if f.len() < TSC_AT + 8 || f[12..14] != ETH_TEST {
+                return;
+            }
+            let seq = u64::from_le_bytes(f[SEQ_AT..SEQ_AT + 8].try_into().unwrap_or_default());
+            let t = u64::from_le_bytes(f[TSC_AT..TSC_AT + 8].try_into().unwrap_or_default());
+            received += 1;
+            if seq < next_seq {
+                reordered += 1;
+            }
+            next_seq = next_seq.max(seq + 1);
+            let ns = (t_rx.saturating_sub(t) as f64 * ns_per_tick) as u64;
+            let _ = latency.record(ns.max(1));
+        });
+        if cfg.progress && last_report.elapsed() >= Duration::from_secs(1) {
+            let dt = last_report.elapsed().as_secs_f64();
+            eprint!(
+                "\r  {:5.1} s  offered {:6.2} Mpps  received {:6.2} Mpps  lost {:>10}  p99 {:8.1} us   ",
+                (now - start) as f64 / hz,
+                (sent - sent_at_report) as f64 / dt / 1e6,
+                (received - recv_at_report) as f64 / dt / 1e6,
+                sent - received,
+                latency.value_at_quantile(0.99) as f64 / 1e3
+            );
+            last_report = Instant::now();
+            (sent_at_report, recv_at_report) = (sent, received);
+        }
+    }
+    if cfg.progress {
+        eprintln!();
+    }
+    Ok(Report {
+        sent,
+        received,
+        lost: sent.saturating_sub(received),
+        reordered,
+        seconds: cfg.duration.as_secs_f64(),
+        latency,
+    })
+}
+
+/// The histogram as an HdrHistogram percentile distribution (`.hgrm`), in microseconds: the
+/// text format HdrHistogram's plotters read.
+pub fn hgrm(h: &Histogram<u64>) -> String {
+    let mut out = format!(
+        "{:>12} {:>14} {:>10} {:>14}\n\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
+    for v in h.iter_quantiles(1) {
+        let q = v.quantile_iterated_to();
+        let inv = if q < 1.0 {
+            format!("{:14.2}", 1.0 / (1.0 - q))
+        } else {
+            format!("{:>14}", "inf")
+        };
+        out += &format!(
+            "{:12.3} {:14.12} {:10} {inv}\n",
+            v.value_iterated_to() as f64 / 1e3,
+            q,
+            v.count_since_last_iteration()
+        );
+    }
+    out += &format!(
+        "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]\n#[Max     = {:12.3}, Total count    = {:12}]\n",
+        h.mean() / 1e3,
+        h.stdev() / 1e3,
+        h.max() as f64 / 1e3,
+        h.len()
+    );
+    out
+}
