@@ -292,6 +292,78 @@ pub fn run(a: &Path, b: &Path, cfg: &TrafficConfig) -> anyhow::Result<Report> {
     })
 }
 
+/// The zero-loss rate found by `zero_loss`, and the trial runs at fractions of it.
+pub struct ZeroLoss {
+    /// Highest offered rate (frames/s) at which a whole trial lost nothing; 0 if none did.
+    pub rate: f64,
+    /// (fraction of `rate`, the run at that load).
+    pub at_load: Vec<(f64, Report)>,
+}
+
+/// RFC 2544-style zero-loss throughput: binary search over the offered rate, a rate passing
+/// when a trial of `cfg.duration` loses no frame; then a run at each of `loads` (fractions of
+/// the rate found) for latency. The upper bound is what a maximum-rate trial delivered.
+pub fn zero_loss(
+    a: &Path,
+    b: &Path,
+    cfg: &TrafficConfig,
+    steps: u32,
+    loads: &[f64],
+) -> anyhow::Result<ZeroLoss> {
+    let trial = |rate: Option<f64>| {
+        let r = run(
+            a,
+            b,
+            &TrafficConfig {
+                rate,
+                ..cfg.clone()
+            },
+        )?;
+        if cfg.progress {
+            eprintln!(
+                "  trial {}: offered {:.3} Mpps, lost {}",
+                rate.map_or("max".to_string(), |r| format!("{:.3} Mpps", r / 1e6)),
+                r.offered_mpps(),
+                r.lost
+            );
+        }
+        anyhow::Ok(r)
+    };
+    let max = trial(None)?;
+    let (mut lo, mut hi) = (0.0, max.received as f64 / max.seconds);
+    if max.lost == 0 {
+        lo = hi;
+    }
+    for _ in 0..steps {
+        if hi - lo < hi * 0.01 {
+            break;
+        }
+        let mid = (lo + hi) / 2.0;
+        if trial(Some(mid))?.lost == 0 {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let mut at_load = Vec::new();
+    if lo > 0.0 {
+        for &f in loads {
+            at_load.push((
+                f,
+                run(
+                    a,
+                    b,
+                    &TrafficConfig {
+                        rate: Some(lo * f),
+                        ..cfg.clone()
+                    },
+                )?,
+            ));
+        }
+    }
+    Ok(ZeroLoss { rate: lo, at_load })
+}
+
 /// The histogram as an HdrHistogram percentile distribution (`.hgrm`), in microseconds: the
 /// text format HdrHistogram's plotters read.
 pub fn hgrm(h: &Histogram<u64>) -> String {

@@ -4,12 +4,14 @@
 //!
 //!   rs-traffic --a A.sock --b B.sock [--size 64] [--rate max|PPS] [--secs 10] [--json]
 //!              [--hgrm FILE]
+//!   rs-traffic --a A.sock --b B.sock --zero-loss [--secs 5] ...   zero-loss rate (binary
+//!              search), then latency at 10 %, 50 % and 90 % of it
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use perf::traffic::{hgrm, run, TrafficConfig};
+use perf::traffic::{hgrm, run, zero_loss, Report, TrafficConfig};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -38,9 +40,35 @@ struct Args {
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
-    /// Write the latency distribution (HdrHistogram .hgrm percentiles, in µs) here.
+    /// Write the latency distribution (HdrHistogram .hgrm percentiles, in µs) here (with
+    /// --zero-loss: of the run at 50 % load).
     #[arg(long)]
     hgrm: Option<PathBuf>,
+    /// Find the zero-loss rate by binary search (trials of --secs each), then measure latency
+    /// at 10 %, 50 % and 90 % of it.
+    #[arg(long)]
+    zero_loss: bool,
+    /// Binary-search steps for --zero-loss.
+    #[arg(long, default_value_t = 8)]
+    steps: u32,
+}
+
+const PERCENTILES: [(&str, f64); 5] = [
+    ("p50", 0.5),
+    ("p90", 0.9),
+    ("p99", 0.99),
+    ("p99.9", 0.999),
+    ("p99.99", 0.9999),
+];
+
+/// Latency percentiles and max of a run, in µs, as JSON.
+fn latency_json(r: &Report) -> serde_json::Value {
+    let mut lat = serde_json::Map::new();
+    for (k, p) in PERCENTILES {
+        lat.insert(k.into(), json!(r.latency.value_at_quantile(p) as f64 / 1e3));
+    }
+    lat.insert("max".into(), json!(r.latency.max() as f64 / 1e3));
+    lat.into()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,31 +90,55 @@ fn main() -> anyhow::Result<()> {
         ring: args.ring,
         progress: !args.json,
     };
+    if args.zero_loss {
+        let z = zero_loss(&args.a, &args.b, &cfg, args.steps, &[0.1, 0.5, 0.9])?;
+        if let (Some(path), Some((_, r))) = (&args.hgrm, z.at_load.get(1)) {
+            std::fs::write(path, hgrm(&r.latency))?;
+        }
+        if args.json {
+            let loads: Vec<_> = z
+                .at_load
+                .iter()
+                .map(|(f, r)| json!({"load": f, "lost": r.lost, "latency_us": latency_json(r)}))
+                .collect();
+            println!(
+                "{}",
+                json!({"size": args.size, "zero_loss_mpps": z.rate / 1e6, "at_load": loads})
+            );
+            return Ok(());
+        }
+        println!(
+            "{} B frames: zero-loss rate {:.3} Mpps",
+            args.size,
+            z.rate / 1e6
+        );
+        println!("one-way latency (us) at a share of it:");
+        print!("  {:>6}", "load");
+        for (k, _) in PERCENTILES {
+            print!(" {k:>9}");
+        }
+        println!(" {:>9} {:>6}", "max", "lost");
+        for (f, r) in &z.at_load {
+            print!("  {:>5.0}%", f * 100.0);
+            for (_, p) in PERCENTILES {
+                print!(" {:9.2}", r.latency.value_at_quantile(p) as f64 / 1e3);
+            }
+            println!(" {:9.2} {:>6}", r.latency.max() as f64 / 1e3, r.lost);
+        }
+        return Ok(());
+    }
     let r = run(&args.a, &args.b, &cfg)?;
-    let q = |p: f64| r.latency.value_at_quantile(p) as f64 / 1e3;
-    let pct = [
-        ("p50", 0.5),
-        ("p90", 0.9),
-        ("p99", 0.99),
-        ("p99.9", 0.999),
-        ("p99.99", 0.9999),
-    ];
     if let Some(path) = &args.hgrm {
         std::fs::write(path, hgrm(&r.latency))?;
     }
     if args.json {
-        let mut lat = serde_json::Map::new();
-        for (k, p) in pct {
-            lat.insert(k.into(), json!(q(p)));
-        }
-        lat.insert("max".into(), json!(r.latency.max() as f64 / 1e3));
         println!(
             "{}",
             json!({
                 "size": args.size, "offered_rate": rate, "seconds": r.seconds,
                 "sent": r.sent, "received": r.received, "lost": r.lost, "reordered": r.reordered,
                 "offered_mpps": r.offered_mpps(), "received_mpps": r.received_mpps(),
-                "latency_us": lat,
+                "latency_us": latency_json(&r),
             })
         );
         return Ok(());
@@ -104,8 +156,11 @@ fn main() -> anyhow::Result<()> {
         r.reordered
     );
     println!("one-way latency (us):");
-    for (k, p) in pct {
-        println!("  {k:>7} {:10.2}", q(p));
+    for (k, p) in PERCENTILES {
+        println!(
+            "  {k:>7} {:10.2}",
+            r.latency.value_at_quantile(p) as f64 / 1e3
+        );
     }
     println!("  {:>7} {:10.2}", "max", r.latency.max() as f64 / 1e3);
     Ok(())
