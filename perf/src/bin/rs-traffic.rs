@@ -3,7 +3,7 @@
 //! Pin it to its own CPU (`taskset -c 0`): it busy-polls.
 //!
 //!   rs-traffic --a A.sock --b B.sock [--size 64] [--rate max|PPS] [--secs 10] [--json]
-//!              [--hgrm FILE]
+//!              [--hgrm FILE] [--svg FILE]
 //!   rs-traffic --a A.sock --b B.sock --zero-loss [--secs 5] ...   zero-loss rate (binary
 //!              search), then latency at 10 %, 50 % and 90 % of it
 
@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use perf::plot::latency_svg;
 use perf::traffic::{hgrm, run, zero_loss, Report, TrafficConfig};
 use serde_json::json;
 
@@ -44,6 +45,10 @@ struct Args {
     /// --zero-loss: of the run at 50 % load).
     #[arg(long)]
     hgrm: Option<PathBuf>,
+    /// Write a plot of the latency distribution (SVG) here (with --zero-loss: one line per
+    /// load).
+    #[arg(long)]
+    svg: Option<PathBuf>,
     /// Find the zero-loss rate by binary search (trials of --secs each), then measure latency
     /// at 10 %, 50 % and 90 % of it.
     #[arg(long)]
@@ -95,6 +100,24 @@ fn main() -> anyhow::Result<()> {
         if let (Some(path), Some((_, r))) = (&args.hgrm, z.at_load.get(1)) {
             std::fs::write(path, hgrm(&r.latency))?;
         }
+        if let Some(path) = &args.svg {
+            let names: Vec<String> = z
+                .at_load
+                .iter()
+                .map(|(f, _)| format!("{:.0} % load", f * 100.0))
+                .collect();
+            let series: Vec<_> = names
+                .iter()
+                .zip(&z.at_load)
+                .map(|(n, (_, r))| (n.as_str(), &r.latency))
+                .collect();
+            let title = format!(
+                "{} B, zero-loss rate {:.2} Mpps: one-way latency",
+                args.size,
+                z.rate / 1e6
+            );
+            std::fs::write(path, latency_svg(&title, &series))?;
+        }
         if args.json {
             let loads: Vec<_> = z
                 .at_load
@@ -130,6 +153,11 @@ fn main() -> anyhow::Result<()> {
     let r = run(&args.a, &args.b, &cfg)?;
     if let Some(path) = &args.hgrm {
         std::fs::write(path, hgrm(&r.latency))?;
+    }
+    if let Some(path) = &args.svg {
+        let at = rate.map_or("max rate".to_string(), |r| format!("{:.2} Mpps", r / 1e6));
+        let title = format!("{} B at {at}: one-way latency", args.size);
+        std::fs::write(path, latency_svg(&title, &[("latency", &r.latency)]))?;
     }
     if args.json {
         println!(
