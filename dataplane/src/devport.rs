@@ -67,21 +67,17 @@ impl EthPortRt {
         dirty: &mut Vec<PortId>,
     ) -> Delivery {
         let s = &self.to_port;
-        if frame_len > self.dev.pool().frame_room {
-            s.add(&s.drop_too_big, 1);
-            return Delivery::Refused;
-        }
-        if !self.fresh.refill(self.dev.pool()) {
-            s.add(&s.drop_no_mbuf, 1);
-            return Delivery::Refused;
-        }
-        let Some(mut m) = self.fresh.pop() else {
+        let Some(mut m) = self.fresh.take(self.dev.pool()) else {
             s.add(&s.drop_no_mbuf, 1);
             return Delivery::Refused;
         };
-        m.fill(frame_len, |d| {
+        if !m.fill(frame_len, |d| {
             gather(src, skip, d);
-        });
+        }) {
+            // Larger than an mbuf of this pool holds (the pool is sized for the largest MTU).
+            s.add(&s.drop_too_big, 1);
+            return Delivery::Refused;
+        }
         if self.pending.is_full() {
             self.flush();
         }
@@ -101,13 +97,15 @@ impl EthPortRt {
             return;
         }
         let queued = self.pending.len();
-        let queued_bytes = self.pending.bytes();
+        let mut bytes = self.pending.bytes();
         let sent = self.pending.tx(self.dev.port_id, self.tx_queue);
-        let unsent_bytes = self.pending.bytes();
-        self.pending.free_all();
+        if sent < queued {
+            bytes -= self.pending.bytes();
+            self.pending.free_all();
+        }
         let s = &self.to_port;
         s.add(&s.packets, sent as u64);
-        s.add(&s.bytes, queued_bytes - unsent_bytes);
+        s.add(&s.bytes, bytes);
         s.add(&s.drop_tx_full, (queued - sent) as u64);
     }
 }

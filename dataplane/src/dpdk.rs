@@ -420,13 +420,14 @@ impl MbufBurst {
         self.n
     }
 
-    /// The data of received mbuf `i` (a chain of segments) as a segment list.
+    /// The data of received mbuf `i` (a chain of segments) as a segment list, and its length;
+    /// None if the chain has more segments than a segment list holds.
     #[inline]
-    pub fn segs(&self, i: usize, out: &mut SegList) -> u32 {
+    pub fn segs(&self, i: usize, out: &mut SegList) -> Option<u32> {
         out.n = 0;
         out.total = 0;
         let mut m = self.m[i];
-        while !m.is_null() && out.n < out.segs.len() {
+        while !m.is_null() {
             // SAFETY: m is an mbuf the driver handed us (or a `next` link of one); its data lies
             // at buf_addr + data_off for data_len bytes, by the mbuf contract.
             let (ptr, len, next) = unsafe {
@@ -437,12 +438,12 @@ impl MbufBurst {
                     mb.next,
                 )
             };
-            out.segs[out.n] = Seg { ptr, len };
+            *out.segs.get_mut(out.n)? = Seg { ptr, len };
             out.n += 1;
             out.total += len;
             m = next;
         }
-        out.total
+        Some(out.total)
     }
 
     /// Top the burst up with fresh mbufs from `pool`; false if the pool could not give BURST.
@@ -468,14 +469,21 @@ impl MbufBurst {
         NonNull::new(self.m[self.n]).map(Mbuf)
     }
 
-    /// Append a filled mbuf (the caller checked `is_full`).
+    /// One fresh mbuf from `pool`, taken from this burst and refilled in bulk when empty.
+    #[inline]
+    pub fn take(&mut self, pool: &Mempool) -> Option<Mbuf> {
+        if !self.refill(pool) {
+            return None;
+        }
+        self.pop()
+    }
+
+    /// Append an mbuf; the caller checked `is_full` (a burst that is full frees it instead).
     #[inline]
     pub fn push(&mut self, m: Mbuf) {
         if let Some(slot) = self.m.get_mut(self.n) {
-            *slot = m.0.as_ptr();
+            *slot = std::mem::ManuallyDrop::new(m).0.as_ptr();
             self.n += 1;
-        } else {
-            m.free();
         }
     }
 
@@ -517,28 +525,37 @@ impl Drop for MbufBurst {
     }
 }
 
-/// One mbuf the PMD owns.
+/// One mbuf the PMD owns; freed back to its pool on drop.
 pub struct Mbuf(NonNull<sys::rte_mbuf>);
 
 impl Mbuf {
-    /// Fill a fresh single-segment mbuf with `len` bytes produced by `fill`; the caller checked
-    /// that `len` fits the pool's frame room.
+    /// Make the mbuf a single-segment frame of `len` bytes produced by `fill`; false (and
+    /// nothing written) if its buffer has no room for `len` bytes.
     #[inline]
-    pub fn fill(&mut self, len: u32, fill: impl FnOnce(&mut [u8])) {
-        // SAFETY: a fresh mbuf from rte_pktmbuf_alloc_bulk has buf_len - data_off bytes of room
-        // at buf_addr + data_off, and the caller checked len <= that room. The memory is DPDK's,
-        // never a guest's, so a plain slice is sound while we own the mbuf.
-        unsafe {
-            let m = self.0.as_mut();
-            let data = (m.buf_addr as *mut u8).add(m.data_off as usize);
-            fill(std::slice::from_raw_parts_mut(data, len as usize));
-            m.data_len = len as u16;
-            m.pkt_len = len;
+    pub fn fill(&mut self, len: u32, fill: impl FnOnce(&mut [u8])) -> bool {
+        // SAFETY: we own the mbuf; its header is plain data.
+        let m = unsafe { self.0.as_mut() };
+        if len > (m.buf_len as u32).saturating_sub(m.data_off as u32) {
+            return false;
         }
+        // SAFETY: the mbuf's buffer has buf_len - data_off >= len bytes at buf_addr + data_off
+        // (just checked). The memory is DPDK's, never a guest's, so a plain slice is sound while
+        // we own the mbuf.
+        fill(unsafe {
+            std::slice::from_raw_parts_mut(
+                (m.buf_addr as *mut u8).add(m.data_off as usize),
+                len as usize,
+            )
+        });
+        m.data_len = len as u16;
+        m.pkt_len = len;
+        true
     }
+}
 
-    pub fn free(self) {
-        // SAFETY: we own the mbuf and never use it again.
+impl Drop for Mbuf {
+    fn drop(&mut self) {
+        // SAFETY: we own the mbuf and nothing uses it after this.
         unsafe { sys::rs_pktmbuf_free(self.0.as_ptr()) };
     }
 }
@@ -581,7 +598,7 @@ mod tests {
         assert!(stash.refill(&pool));
         for i in 0..4u8 {
             let mut m = stash.pop().unwrap();
-            m.fill(60, |d| d.fill(i));
+            assert!(m.fill(60, |d| d.fill(i)));
             out.push(m);
         }
         assert_eq!(out.bytes(), 240);
@@ -591,7 +608,16 @@ mod tests {
         let n = rx.rx(dev.port_id, 0);
         assert!(n > 0);
         let mut segs = SegList::default();
-        assert_eq!(rx.segs(0, &mut segs), 64, "net_null's default frame size");
+        assert_eq!(
+            rx.segs(0, &mut segs),
+            Some(64),
+            "net_null's default frame size"
+        );
+        let mut big = stash.take(&pool).unwrap();
+        assert!(
+            !big.fill(4096, |_| unreachable!()),
+            "no room for 4096 bytes"
+        );
         rx.free_all();
         stash.free_all();
         drop(dev);

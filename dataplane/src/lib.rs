@@ -1,6 +1,7 @@
 //! ringswitch dataplane: the hot path. PMD threads (pmd.rs) busy-poll split virtqueues
 //! (virtq/) over guest memory (guest_mem.rs), DPDK ports (dpdk.rs) and kernel taps (tap.rs),
-//! switch frames with an L2 learning table (l2.rs) and publish counters (stats.rs). No sockets, config parsing or logging inside the burst loop.
+//! switch frames with an L2 learning table (l2.rs) and publish counters (stats.rs). No sockets,
+//! config parsing or logging inside the burst loop.
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)

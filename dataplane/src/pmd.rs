@@ -1,8 +1,9 @@
 //! PMD threads: a pinned, busy-polling loop that takes bursts from every port it owns (guest TX
 //! queues, DPDK RX queues, taps), switches each frame by destination MAC and copies it straight
-//! into the destination (a guest's RX buffers, an mbuf, a tap `writev`). Control talks to a PMD only through a bounded command queue drained between bursts;
-//! each command is acknowledged after the PMD applied it, which is the quiescent point control
-//! waits for before it answers GET_VRING_BASE, unmaps memory or tears a port down.
+//! into the destination (a guest's RX buffers, an mbuf, a tap `writev`). Control talks to a PMD
+//! only through a bounded command queue drained between bursts; each command is acknowledged
+//! after the PMD applied it, which is the quiescent point control waits for before it answers
+//! GET_VRING_BASE, unmaps memory or tears a port down.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -481,8 +482,11 @@ impl Pmd {
         }
         let mut tally = Tally::default();
         for i in 0..n {
-            let len = self.mbufs.segs(i, &mut self.src);
-            let v = self.fabric.forward(src, &self.src, 0, len);
+            // A chain of more mbufs than a segment list holds is not taken apart.
+            let (v, len) = match self.mbufs.segs(i, &mut self.src) {
+                Some(len) => (self.fabric.forward(src, &self.src, 0, len), len),
+                None => (Verdict::TooBig, 0),
+            };
             tally.count(v, len);
         }
         self.mbufs.free_all();

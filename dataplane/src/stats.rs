@@ -21,13 +21,14 @@ pub struct QueueStats {
     pub drop_bad_descriptor: AtomicU64,
     /// TX queue: frame shorter than an Ethernet header.
     pub drop_runt: AtomicU64,
-    /// Frame larger than MAX_FRAME (TX) or than the guest's buffer without MRG_RXBUF (RX).
+    /// Frame larger than MAX_FRAME or than a segment list holds (taken from a port), or than the
+    /// destination takes (a guest's buffer without MRG_RXBUF, an mbuf).
     pub drop_too_big: AtomicU64,
     /// TX queue: no port to send to (destination learned on the source port, or no other port
     /// with a running RX queue).
     pub drop_no_destination: AtomicU64,
     /// TX queue: every destination refused the frame; the reason is counted on the destination's
-    /// RX queue (`drop_no_rx_buffer`, `drop_too_big`, `drop_bad_descriptor`).
+    /// side (`drop_no_rx_buffer`, `drop_too_big`, `drop_bad_descriptor`, `drop_no_mbuf`, …).
     pub drop_undelivered: AtomicU64,
     /// Device port: no free mbuf to copy the frame into (the pool is exhausted).
     pub drop_no_mbuf: AtomicU64,

@@ -265,12 +265,13 @@ impl SplitRing {
     pub fn prefetch_rx_buffer(&self, head: u16) {
         if let Some((p, len)) = self.buffer_at(head, 0) {
             prefetch_w(p);
-            prefetch_w(p.wrapping_add(len.min(128) as usize - 1));
+            prefetch_w(p.wrapping_add(len as usize - 1));
         }
     }
 
     /// Host address of byte `offset` of chain `head` (looking at its first two descriptors
-    /// only) and the bytes left in that descriptor; None for indirect chains or bad entries.
+    /// only) and how many bytes from there (at most 128) are mapped and in that descriptor;
+    /// None for indirect chains or bad entries.
     #[inline]
     fn buffer_at(&self, head: u16, offset: u32) -> Option<(*mut u8, u32)> {
         if head >= self.size {
@@ -285,11 +286,12 @@ impl SplitRing {
         if d.flags & VIRTQ_DESC_F_INDIRECT != 0 || offset >= d.len {
             return None;
         }
-        let left = d.len - offset;
+        // Only the first lines are prefetched: only they need to be mapped.
+        let span = (d.len - offset).min(128);
         let p = self
             .mem
-            .gpa_to_host(d.addr.wrapping_add(offset as u64), left as u64)?;
-        Some((p, left))
+            .gpa_to_host(d.addr.wrapping_add(offset as u64), span as u64)?;
+        Some((p, span))
     }
 
     /// Consume `n` chains: they must each get a used entry (`push_used`) in this burst.
