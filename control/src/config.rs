@@ -26,6 +26,16 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    fn invalid(file: &Path, key: &str, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            message,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MainFile {
@@ -242,11 +252,7 @@ fn validate(
     ports: Vec<(PortSection, PathBuf)>,
     main_file: &Path,
 ) -> Result<Config, ConfigError> {
-    let invalid = |file: &Path, key: &str, message: String| ConfigError::Invalid {
-        file: file.to_owned(),
-        key: key.to_owned(),
-        message,
-    };
+    let invalid = ConfigError::invalid;
     // Cores online, not the ones this process may run on: the PMD pins itself.
     // SAFETY: sysconf has no preconditions.
     let ncpu = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
@@ -304,11 +310,7 @@ pub fn load_port(file: &Path) -> Result<PortConfig, ConfigError> {
 }
 
 fn validate_port(p: PortSection, file: PathBuf) -> Result<PortConfig, ConfigError> {
-    let invalid = |file: &Path, key: &str, message: String| ConfigError::Invalid {
-        file: file.to_owned(),
-        key: key.to_owned(),
-        message,
-    };
+    let invalid = ConfigError::invalid;
     if p.name.is_empty() || p.name.len() > 64 || p.name.chars().any(|c| c.is_whitespace()) {
         return Err(invalid(
             &file,
@@ -421,13 +423,43 @@ pub struct PortSet {
 }
 
 impl PortConfig {
+    /// The `type` it was configured with.
+    pub fn type_name(&self) -> &'static str {
+        match self.kind {
+            PortKind::VhostUser { .. } => PortType::VhostUser.name(),
+            PortKind::Dpdk { .. } => PortType::Dpdk.name(),
+            PortKind::Tap { .. } => PortType::Tap.name(),
+        }
+    }
+
+    /// What it attaches to, for display: socket path, devargs or interface name.
+    pub fn attachment(&self) -> String {
+        match &self.kind {
+            PortKind::VhostUser { socket, .. } => socket.display().to_string(),
+            PortKind::Dpdk { devargs, .. } => devargs.clone(),
+            PortKind::Tap { ifname } => ifname.clone(),
+        }
+    }
+
+    /// The socket ringswitch creates for this port (a server-mode vhost-user port).
+    pub fn server_socket(&self) -> Option<&Path> {
+        match &self.kind {
+            PortKind::VhostUser {
+                mode: VhostMode::Server,
+                socket,
+                ..
+            } => Some(socket),
+            _ => None,
+        }
+    }
+
     /// (key, what it attaches to) for uniqueness checks and messages.
     fn endpoint(&self) -> (&'static str, String) {
         match &self.kind {
             PortKind::VhostUser { socket, .. } => ("socket", socket.display().to_string()),
             PortKind::Dpdk { devargs, .. } => (
                 "devargs",
-                format!("device {:?}", devargs.split(',').next().unwrap_or_default()),
+                format!("device {:?}", dataplane::dpdk::device_name(devargs)),
             ),
             PortKind::Tap { ifname } => ("ifname", format!("interface {ifname:?}")),
         }
@@ -436,11 +468,7 @@ impl PortConfig {
 
 impl PortSet {
     pub fn insert(&mut self, p: &PortConfig) -> Result<(), ConfigError> {
-        let invalid = |key: &str, message: String| ConfigError::Invalid {
-            file: p.file.clone(),
-            key: key.to_owned(),
-            message,
-        };
+        let invalid = |key: &str, message| ConfigError::invalid(&p.file, key, message);
         let (key, endpoint) = p.endpoint();
         if self.names.contains(&p.name) {
             return Err(invalid(
@@ -464,11 +492,7 @@ impl PortSet {
 
 /// Owner, group and mode of a server-mode vhost-user socket.
 fn socket_perm(p: &PortSection, file: &Path) -> Result<SocketPerm, ConfigError> {
-    let invalid = |key: &str, message: String| ConfigError::Invalid {
-        file: file.to_owned(),
-        key: key.to_owned(),
-        message,
-    };
+    let invalid = |key: &str, message| ConfigError::invalid(file, key, message);
     let mut perm = SocketPerm::default();
     if let Some(m) = &p.socket_mode {
         perm.mode = u32::from_str_radix(m.trim_start_matches("0o"), 8)

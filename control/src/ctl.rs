@@ -1,5 +1,6 @@
 //! The control socket: a unix socket taking one-line commands (`stats`, `stats-json`,
-//! `add-port FILE`, `del-port NAME`) and the `ringswitch ctl` client for it. The server runs on its own control thread.
+//! `add-port FILE`, `del-port NAME`) and the `ringswitch ctl` client for it. The server runs on
+//! its own control thread.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -114,7 +115,8 @@ pub fn stats_json(sw: &Switch) -> Value {
                     })
                     .collect();
                 let mut v = json!({
-                    "name": p.name, "type": p.kind, "endpoint": p.endpoint,
+                    "name": p.config.name, "type": p.config.type_name(),
+                    "endpoint": p.config.attachment(),
                     "connected": p.connected.load(Ordering::Relaxed),
                     "error": p.error,
                     "from_port": queue_json(&sum(false)), "to_port": queue_json(&sum(true)),
@@ -151,6 +153,7 @@ fn format_stats(v: &Value) -> String {
     for p in v["ports"].as_array().into_iter().flatten() {
         let (t, r) = (&p["from_port"], &p["to_port"]);
         let kind = p["type"].as_str().unwrap_or("?");
+        let vhost = kind == "vhost-user";
         let state = match (&p["error"], &p["dpdk"]) {
             (Value::String(e), _) => format!("FAILED: {e}"),
             (_, Value::Object(d)) => format!(
@@ -160,7 +163,7 @@ fn format_stats(v: &Value) -> String {
                 n(&d["ierrors"]),
                 n(&d["oerrors"])
             ),
-            _ if p["connected"] == true && kind == "vhost-user" => "connected".into(),
+            _ if p["connected"] == true && vhost => "connected".into(),
             _ if p["connected"] == true => "running".into(),
             _ => "waiting for a frontend".into(),
         };
@@ -170,8 +173,10 @@ fn format_stats(v: &Value) -> String {
                 .map(|k| format!(" {k} {}", n(&c[format!("drop_{k}")])))
                 .collect::<String>()
         };
-        let (from_keys, to_keys): (&[&str], &[&str]) = if kind == "vhost-user" {
+        let (from, to, from_keys, to_keys): (_, _, &[&str], &[&str]) = if vhost {
             (
+                "from guest:",
+                "to guest:  ",
                 &[
                     "bad_descriptor",
                     "runt",
@@ -183,14 +188,11 @@ fn format_stats(v: &Value) -> String {
             )
         } else {
             (
+                "from port: ",
+                "to port:   ",
                 &["runt", "too_big", "no_destination", "undelivered"],
                 &["too_big", "no_mbuf", "tx_full", "tx_error"],
             )
-        };
-        let (from, to) = if kind == "vhost-user" {
-            ("from guest:", "to guest:  ")
-        } else {
-            ("from port: ", "to port:   ")
         };
         out += &format!(
             "port {} ({kind} {}): {state}\n  {from} packets {} bytes {} forwarded {} drops:{}\n  {to} packets {} bytes {} drops:{}{}{}\n",
@@ -198,7 +200,7 @@ fn format_stats(v: &Value) -> String {
             p["endpoint"].as_str().unwrap_or("?"),
             n(&t["packets"]), n(&t["bytes"]), n(&t["forwarded"]), drops(t, from_keys),
             n(&r["packets"]), n(&r["bytes"]), drops(r, to_keys),
-            if kind == "vhost-user" {
+            if vhost {
                 format!("  notifications {}", n(&r["guest_notifications"]) + n(&t["guest_notifications"]))
             } else {
                 String::new()

@@ -27,11 +27,8 @@ use crate::vhost_user::VhostUserDevice;
 
 /// What `ctl` can see of a port.
 pub struct PortInfo {
-    pub name: String,
-    /// "vhost-user", "dpdk" or "tap".
-    pub kind: &'static str,
-    /// What it attaches to: socket path, devargs or interface name.
-    pub endpoint: String,
+    /// Name, type and what it attaches to.
+    pub config: PortConfig,
     /// Per queue pair: even = frames delivered into the port, odd = frames taken from it.
     pub queues: Vec<Arc<QueueStats>>,
     /// vhost-user: a frontend is connected; device ports: running (Relaxed: a display flag,
@@ -42,7 +39,6 @@ pub struct PortInfo {
     /// Why the port is not running (a device port that failed to start; the others run).
     pub error: Option<String>,
     id: PortId,
-    config: PortConfig,
     /// The PMD that holds the port (None: it failed to start, no PMD has it).
     pmd: Option<Arc<PmdHandle>>,
     /// vhost-user: the thread serving the socket.
@@ -146,7 +142,7 @@ impl Switch {
         let i = ports
             .list
             .iter()
-            .position(|p| p.name == name)
+            .position(|p| p.config.name == name)
             .with_context(|| format!("no port {name:?}"))?;
         let info = ports.list.remove(i);
         ports.set.remove(&info.config);
@@ -161,13 +157,13 @@ impl Switch {
     pub fn report_broken_rings(&self, reported: &mut std::collections::HashSet<(String, usize)>) {
         for p in &self.ports().list {
             for (q, s) in p.queues.iter().enumerate() {
-                let key = (p.name.clone(), q);
+                let key = (p.config.name.clone(), q);
                 if s.ring_broken.load(Ordering::Relaxed) == 0 {
                     reported.remove(&key);
                 } else if reported.insert(key) {
                     log::warn!(
                         "port {}: the guest corrupted virtqueue {q} (avail index jumped past the ring); it is stopped until the guest resets the device",
-                        p.name
+                        p.config.name
                     );
                 }
             }
@@ -177,14 +173,7 @@ impl Switch {
     /// Remove the sockets ringswitch created (at exit).
     pub fn remove_sockets(&self) {
         for p in &self.ports().list {
-            if let PortKind::VhostUser {
-                mode: VhostMode::Server,
-                socket,
-                ..
-            } = &p.config.kind
-            {
-                let _ = std::fs::remove_file(socket);
-            }
+            p.remove_socket();
         }
     }
 }
@@ -198,15 +187,7 @@ fn free_id(list: &[PortInfo]) -> Option<PortId> {
 
 impl PortInfo {
     fn new(pc: &PortConfig, id: PortId, queues: Vec<Arc<QueueStats>>) -> PortInfo {
-        let (kind, endpoint) = match &pc.kind {
-            PortKind::VhostUser { socket, .. } => ("vhost-user", socket.display().to_string()),
-            PortKind::Dpdk { devargs, .. } => ("dpdk", devargs.clone()),
-            PortKind::Tap { ifname } => ("tap", ifname.clone()),
-        };
         PortInfo {
-            name: pc.name.clone(),
-            kind,
-            endpoint,
             queues,
             connected: Arc::new(AtomicBool::new(false)),
             dpdk_port: None,
@@ -226,15 +207,15 @@ impl PortInfo {
             // Dropped here, on control, after the PMD handed it back.
             drop(pmd.remove_port(self.id)?);
         }
-        if let PortKind::VhostUser {
-            mode: VhostMode::Server,
-            socket,
-            ..
-        } = &self.config.kind
-        {
+        self.remove_socket();
+        Ok(())
+    }
+
+    /// Remove the socket ringswitch created for the port, if it did.
+    fn remove_socket(&self) {
+        if let Some(socket) = self.config.server_socket() {
             let _ = std::fs::remove_file(socket);
         }
-        Ok(())
     }
 }
 

@@ -187,6 +187,12 @@ impl Drop for Mempool {
     }
 }
 
+/// The device a devargs string names (what comes before its first comma): the name DPDK gives
+/// the port, and what two ports may not share.
+pub fn device_name(devargs: &str) -> &str {
+    devargs.split(',').next().unwrap_or_default()
+}
+
 /// How to set up an Ethernet port.
 #[derive(Debug, Clone)]
 pub struct EthConfig {
@@ -216,7 +222,7 @@ pub struct EthDev {
 
 impl EthDev {
     pub fn open(devargs: &str, cfg: &EthConfig, pool: Arc<Mempool>) -> Result<EthDev, DpdkError> {
-        let name = devargs.split(',').next().unwrap_or_default().to_owned();
+        let name = device_name(devargs).to_owned();
         let c_devargs = CString::new(devargs).map_err(|_| DpdkError::Probe {
             devargs: devargs.into(),
             reason: "NUL in devargs".into(),
