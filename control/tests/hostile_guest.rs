@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use perf::frontend::{
-    Device, DriverRing, GuestMemory, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+    write_desc, Device, DriverRing, GuestMemory, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
 };
 use serde_json::Value;
 
@@ -96,14 +97,7 @@ fn hostile_guest_is_contained_while_others_forward() {
     tx.set_desc(&mem, 4, mem.size() - 32, 76, 0, nx); // crossing the end of memory
     tx.set_desc(&mem, 5, table_at, 20, ind, nx); // indirect table, not a multiple of 16
     tx.set_desc(&mem, 6, table_at, 16, ind, nx); // indirect table holding an indirect entry
-    let nested = DriverRing {
-        size: 1,
-        desc: table_at,
-        avail: 0,
-        used: 0,
-        avail_idx: 0,
-    };
-    nested.set_desc(&mem, 0, table_at, 16, ind, 0);
+    write_desc(&mem, table_at, 0, table_at, 16, ind, 0);
     tx.set_desc(&mem, 7, 0x7fff_ffff_ffff_f000, 0x2000, 0, nx); // address wraps around
     tx.set_desc(&mem, 8, frame_at, frame.len() as u32, 0, nx); // a good frame
     for h in [0, 2, 3, 4, 5, 6, 7, 8] {

@@ -152,19 +152,19 @@ impl DriverRing {
     }
 
     pub fn set_desc(&self, mem: &GuestMemory, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut d = [0u8; 16];
-        d[..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&flags.to_le_bytes());
-        d[14..16].copy_from_slice(&next.to_le_bytes());
-        mem.write(self.desc + 16 * (i % self.size) as u64, &d);
+        write_desc(mem, self.desc, i % self.size, addr, len, flags, next);
+    }
+
+    /// Make chain `head` available without publishing it yet (see `set_avail_idx`).
+    pub fn queue(&mut self, mem: &GuestMemory, head: u16) {
+        let slot = (self.avail_idx % self.size) as u64;
+        mem.write_u16(self.avail + 4 + 2 * slot, head);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
     }
 
     /// Make chain `head` available and publish the new index (release, as a guest's wmb).
     pub fn publish(&mut self, mem: &GuestMemory, head: u16) {
-        let slot = (self.avail_idx % self.size) as u64;
-        mem.write_u16(self.avail + 4 + 2 * slot, head);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.queue(mem, head);
         self.set_avail_idx(mem, self.avail_idx);
     }
 
@@ -185,6 +185,24 @@ impl DriverRing {
         let at = self.used + 4 + 8 * (i % self.size) as u64;
         (mem.read_u32(at), mem.read_u32(at + 4))
     }
+}
+
+/// Write descriptor `i` of the table at `table` (a ring's, or an indirect one).
+pub fn write_desc(
+    mem: &GuestMemory,
+    table: u64,
+    i: u16,
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+) {
+    let mut d = [0u8; 16];
+    d[..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    d[12..14].copy_from_slice(&flags.to_le_bytes());
+    d[14..16].copy_from_slice(&next.to_le_bytes());
+    mem.write(table + 16 * i as u64, &d);
 }
 
 /// A connected vhost-user device: the frontend end of the socket and its rings' eventfds.

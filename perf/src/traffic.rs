@@ -132,9 +132,7 @@ impl Port {
         self.mem.write(buf + HDR as u64, frame);
         self.tx
             .set_desc(&self.mem, head, buf, (HDR + frame.len()) as u32, 0, 0);
-        let slot = (self.tx.avail_idx % self.tx.size) as u64;
-        self.mem.write_u16(self.tx.avail + 4 + 2 * slot, head);
-        self.tx.avail_idx = self.tx.avail_idx.wrapping_add(1);
+        self.tx.queue(&self.mem, head);
         true
     }
 
@@ -161,9 +159,7 @@ impl Port {
                 let head = self.mem.read(buf + HDR as u64, (len - HDR).min(64));
                 f(&head);
             }
-            let slot = (self.rx.avail_idx % self.rx.size) as u64;
-            self.mem.write_u16(self.rx.avail + 4 + 2 * slot, id);
-            self.rx.avail_idx = self.rx.avail_idx.wrapping_add(1);
+            self.rx.queue(&self.mem, id);
             self.rx_used = self.rx_used.wrapping_add(1);
             n += 1;
         }
