@@ -289,7 +289,13 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
                 "port {name}: vring {index}: bad size {num}"
             )));
         }
-        self.vring(index)?.size = num;
+        let v = self.vring(index)?;
+        if v.running {
+            return Err(req_err(format!(
+                "port {name}: SET_VRING_NUM on running vring {index}"
+            )));
+        }
+        v.size = num;
         Ok(())
     }
 
@@ -371,6 +377,13 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        let unknown = features & !offered_protocol_features().bits();
+        if unknown != 0 {
+            return Err(req_err(format!(
+                "port {}: frontend acked protocol features {unknown:#x} that were not offered",
+                self.name
+            )));
+        }
         self.protocol_features = features;
         Ok(())
     }
@@ -450,5 +463,87 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
 
     fn set_log_base(&mut self, _: &VhostUserLog, _: File) -> VuResult<()> {
         self.unsupported("SET_LOG_BASE (dirty logging)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dataplane::port::VhostPortRt;
+    use dataplane::CoreId;
+
+    fn device() -> VhostUserDevice {
+        let pmd = Arc::new(PmdHandle::spawn(CoreId(0)).unwrap());
+        pmd.add_port(VhostPortRt::new(PortId(0), 1)).unwrap();
+        let stats = (0..2).map(|_| Arc::new(QueueStats::default())).collect();
+        VhostUserDevice::new("vm-test".into(), PortId(0), pmd, stats)
+    }
+
+    /// The handler's error: it names the port, and the vhost crate closes the connection on it.
+    fn refused<T: std::fmt::Debug>(r: VuResult<T>, what: &str) {
+        let e = r.expect_err(what).to_string();
+        assert!(e.contains("port vm-test"), "{what}: {e}");
+    }
+
+    #[test]
+    fn messages_out_of_bounds_or_in_the_wrong_state_are_refused() {
+        let mut d = device();
+        refused(
+            d.set_features(OFFERED_FEATURES | 1 << 0),
+            "unoffered feature",
+        );
+        refused(
+            d.set_protocol_features(1 << 4), // LOG_SHMFD
+            "unoffered protocol feature",
+        );
+        d.set_features(OFFERED_FEATURES & !VHOST_USER_F_PROTOCOL_FEATURES)
+            .unwrap();
+        refused(d.set_vring_num(2, 256), "vring index out of range");
+        refused(d.set_vring_kick(7, None), "kick index out of range");
+        refused(d.set_vring_num(0, 100), "size not a power of two");
+        refused(d.set_vring_num(0, 65536), "size too large");
+        refused(d.set_vring_base(0, 70000), "base above 16 bits");
+
+        // Overlapping regions, a region larger than its file.
+        let f = perf::frontend::memfd(1 << 20).unwrap();
+        let region = |gpa, size, off| VhostUserMemoryRegion::new(gpa, size, 0x7000_0000 + gpa, off);
+        let two = vec![f.try_clone().unwrap(), f.try_clone().unwrap()];
+        refused(
+            d.set_mem_table(
+                &[region(0, 1 << 20, 0), region(0x8_0000, 1 << 20, 0)],
+                two,
+                None,
+            ),
+            "overlapping regions",
+        );
+        let one = vec![f.try_clone().unwrap()];
+        refused(
+            d.set_mem_table(&[region(0, 2 << 20, 0)], one, None),
+            "region beyond its file",
+        );
+
+        // A running ring refuses a new size or base until GET_VRING_BASE has stopped it.
+        d.set_mem_table(&[region(0, 1 << 20, 0)], vec![f], None)
+            .unwrap();
+        d.set_vring_num(0, 256).unwrap();
+        // Ring addresses are the frontend's virtual addresses (user_addr).
+        let (desc, avail, used) = (0x7000_1000, 0x7000_2000, 0x7000_3000);
+        let flags = VhostUserVringAddrFlags::empty;
+        d.set_vring_addr(0, flags(), desc, used, avail, 0).unwrap();
+        d.set_vring_kick(0, None).unwrap();
+        assert!(!d.is_idle(), "ring 0 should run");
+        refused(d.set_vring_num(0, 128), "SET_VRING_NUM while running");
+        refused(d.set_vring_base(0, 5), "SET_VRING_BASE while running");
+        assert_eq!({ d.get_vring_base(0).unwrap().num }, 0);
+        d.set_vring_num(0, 128).unwrap();
+        d.set_vring_base(0, 5).unwrap();
+        // A ring placed outside guest memory does not start.
+        d.set_vring_kick(0, None).unwrap();
+        refused(
+            d.set_vring_addr(0, flags(), 0x7100_0000, used, avail, 0),
+            "ring outside memory",
+        );
+        d.disconnect();
+        assert!(d.is_idle());
     }
 }
