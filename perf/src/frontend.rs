@@ -92,9 +92,14 @@ impl GuestMemory {
 
     pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
-        // SAFETY: as in `write`.
-        unsafe { std::ptr::copy(self.at(gpa, len), v.as_mut_ptr(), len) };
+        self.read_into(gpa, &mut v);
         v
+    }
+
+    /// Fill `buf` from `gpa` (no allocation: for per-frame use).
+    pub fn read_into(&self, gpa: u64, buf: &mut [u8]) {
+        // SAFETY: as in `write`.
+        unsafe { std::ptr::copy(self.at(gpa, buf.len()), buf.as_mut_ptr(), buf.len()) };
     }
 
     pub fn write_u16(&self, gpa: u64, v: u16) {

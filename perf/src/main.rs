@@ -6,6 +6,8 @@
 //!   rs-perf ringswitch-cycles A.json B.json
 //!                                       busy cycles per packet of PMD 0 between two
 //!                                       `ringswitch ctl stats --json` snapshots
+//!   rs-perf plot-hgrm TITLE OUT.svg NAME=FILE.hgrm...
+//!                                       one latency plot with a line per .hgrm file
 
 use anyhow::{bail, Context};
 
@@ -30,7 +32,17 @@ fn main() -> anyhow::Result<()> {
             };
             println!("{:.0}", d("busy_cycles") as f64 / d("packets").max(1) as f64);
         }
-        _ => bail!("usage: rs-perf median-pps LOG [all] [tx] | testpmd-cycles LOG | ringswitch-cycles A.json B.json"),
+        Some("plot-hgrm") if args.len() >= 4 => {
+            let mut series = Vec::new();
+            for arg in &args[3..] {
+                let (name, path) = arg.split_once('=').context("series must be NAME=FILE")?;
+                let text = std::fs::read_to_string(path).with_context(|| format!("read {path}"))?;
+                series.push((name, perf::traffic::parse_hgrm(&text).context(path.to_string())?));
+            }
+            let refs: Vec<_> = series.iter().map(|(n, h)| (*n, h)).collect();
+            std::fs::write(&args[2], perf::plot::latency_svg(&args[1], &refs))?;
+        }
+        _ => bail!("usage: rs-perf median-pps LOG [all] [tx] | testpmd-cycles LOG | ringswitch-cycles A.json B.json | plot-hgrm TITLE OUT.svg NAME=FILE.hgrm..."),
     }
     Ok(())
 }
