@@ -247,7 +247,7 @@ fn fill(
     let mut hdr = [0u8; 12];
     hdr[10..12].copy_from_slice(&count.to_le_bytes()); // num_buffers (only read with MRG_RXBUF)
     let mut w = Writer::new(chains);
-    w.write(&hdr[..hdr_len as usize]);
+    w.write_unless_equal(&hdr[..hdr_len as usize]);
     w.copy_chain(src, skip);
 
     let mut left = need;

@@ -131,6 +131,31 @@ impl<'a> Writer<'a> {
         len - left
     }
 
+    /// `write`, except that when the destination already holds `bytes` (at most 16, in one
+    /// segment) nothing is stored. For the virtio-net header of a recycled RX buffer: it
+    /// usually holds what we wrote last time (the guest's TX path leaves it so), and not
+    /// storing keeps that line shared with the guest's core instead of taking it over and
+    /// having the guest fetch it back (DPDK's vhost does the same: ASSIGN_UNLESS_EQUAL).
+    pub fn write_unless_equal(&mut self, bytes: &[u8]) -> u32 {
+        let len = bytes.len();
+        if let Some(seg) = self
+            .current()
+            .filter(|s| len <= 16 && (s.len - self.off) as usize >= len)
+        {
+            let (mut held, mut want) = ([0u8; 16], [0u8; 16]);
+            // SAFETY: seg lies in checked guest memory and off + len <= seg.len; `held` has
+            // room for len <= 16 bytes.
+            unsafe { copy_bytes(seg.ptr.add(self.off as usize), held.as_mut_ptr(), len) };
+            want[..len].copy_from_slice(bytes);
+            // Whole arrays: two integer compares, not a call to memcmp.
+            if held == want {
+                self.off += len as u32;
+                return len as u32;
+            }
+        }
+        self.write(bytes)
+    }
+
     pub fn write(&mut self, bytes: &[u8]) -> u32 {
         // SAFETY: a slice is valid for reads of its length.
         unsafe { self.write_raw(bytes.as_ptr(), bytes.len() as u32) }
@@ -219,5 +244,30 @@ mod tests {
         let mut w = Writer::new(&chains);
         assert_eq!(w.copy_chain(&src, 0), 5);
         assert_eq!(w.write(&[1]), 0);
+    }
+
+    #[test]
+    fn write_unless_equal_leaves_the_same_bytes_and_writes_others() {
+        let hdr = [0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+        // Different bytes, equal bytes, and a header split over two segments: each ends up
+        // holding the header, followed by the frame.
+        for (first, second, holds_it) in [(16, 16, false), (16, 16, true), (5, 30, false)] {
+            let mut d = vec![vec![0xeeu8; first], vec![0xeeu8; second]];
+            if holds_it {
+                d[0][..12].copy_from_slice(&hdr);
+            }
+            let chains = [list(&mut d)];
+            let mut w = Writer::new(&chains);
+            assert_eq!(w.write_unless_equal(&hdr), 12);
+            assert_eq!(w.write(&[7, 8]), 2);
+            let all: Vec<u8> = d.concat();
+            assert_eq!(&all[..12], &hdr);
+            assert_eq!(&all[12..14], &[7, 8]);
+        }
+        let mut d = vec![vec![0xeeu8; 12]];
+        d[0][3] = 9;
+        let chains = [list(&mut d)];
+        Writer::new(&chains).write_unless_equal(&hdr);
+        assert_eq!(d[0], hdr);
     }
 }
