@@ -4,8 +4,9 @@
 //!
 //!   rs-traffic --a A.sock --b B.sock [--size 64] [--rate max|PPS] [--secs 10] [--json]
 //!              [--hgrm FILE] [--svg FILE]
-//!   rs-traffic --a A.sock --b B.sock --zero-loss [--secs 5] ...   zero-loss rate (binary
-//!              search), then latency at 10 %, 50 % and 90 % of it
+//!   rs-traffic --a A.sock --b B.sock --zero-loss [--secs 5] [--tries 2] ...   zero-loss rate
+//!              (binary search; a rate passes when one of --tries trials loses nothing), then
+//!              latency at 10 %, 50 % and 90 % of it
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -56,6 +57,9 @@ struct Args {
     /// Binary-search steps for --zero-loss.
     #[arg(long, default_value_t = 8)]
     steps: u32,
+    /// Trials per rate for --zero-loss: a rate passes when one of them loses nothing.
+    #[arg(long, default_value_t = 2)]
+    tries: u32,
 }
 
 const PERCENTILES: [(&str, f64); 5] = [
@@ -96,7 +100,14 @@ fn main() -> anyhow::Result<()> {
         progress: !args.json,
     };
     if args.zero_loss {
-        let z = zero_loss(&args.a, &args.b, &cfg, args.steps, &[0.1, 0.5, 0.9])?;
+        let z = zero_loss(
+            &args.a,
+            &args.b,
+            &cfg,
+            args.steps,
+            args.tries,
+            &[0.1, 0.5, 0.9],
+        )?;
         if let (Some(path), Some((_, r))) = (&args.hgrm, z.at_load.get(1)) {
             std::fs::write(path, hgrm(&r.latency))?;
         }
