@@ -16,6 +16,11 @@ struct Entry {
 pub struct MacTable {
     slots: Box<[Entry]>,
     mask: usize,
+    /// The last address learned and its port: a burst mostly repeats one source.
+    learned: Entry,
+    /// The last lookup and its answer, valid until the table changes: a burst mostly repeats
+    /// one destination (the one-entry version of OVS's exact-match cache).
+    looked_up: Option<(u64, Option<PortId>)>,
 }
 
 #[inline]
@@ -39,6 +44,8 @@ impl MacTable {
         MacTable {
             slots: vec![Entry::default(); n].into_boxed_slice(),
             mask: n - 1,
+            learned: Entry::default(),
+            looked_up: None,
         }
     }
 
@@ -57,34 +64,52 @@ impl MacTable {
             return;
         }
         let key = mac_key(mac);
+        let entry = Entry { key, port: port.0 };
+        if self.learned.key == key && self.learned.port == port.0 {
+            return;
+        }
+        self.learned = entry;
         let home = self.home(key);
         let mut free = None;
         for i in 0..PROBE {
             let idx = (home + i) & self.mask;
             let e = &mut self.slots[idx];
             if e.key == key {
-                e.port = port.0;
+                if e.port != port.0 {
+                    e.port = port.0;
+                    self.looked_up = None;
+                }
                 return;
             }
             if e.key == 0 && free.is_none() {
                 free = Some(idx);
             }
         }
-        self.slots[free.unwrap_or(home)] = Entry { key, port: port.0 };
+        self.slots[free.unwrap_or(home)] = entry;
+        self.looked_up = None;
     }
 
     #[inline]
-    pub fn lookup(&self, mac: &[u8]) -> Option<PortId> {
+    pub fn lookup(&mut self, mac: &[u8]) -> Option<PortId> {
         let key = mac_key(mac);
+        if let Some((k, port)) = self.looked_up {
+            if k == key {
+                return port;
+            }
+        }
         let home = self.home(key);
-        (0..PROBE)
+        let port = (0..PROBE)
             .map(|i| self.slots[(home + i) & self.mask])
             .find(|e| e.key == key)
-            .map(|e| PortId(e.port))
+            .map(|e| PortId(e.port));
+        self.looked_up = Some((key, port));
+        port
     }
 
     /// Drop every address learned on `port` (it was removed or its guest went away).
     pub fn forget_port(&mut self, port: PortId) {
+        self.learned = Entry::default();
+        self.looked_up = None;
         for e in self.slots.iter_mut() {
             if e.key != 0 && e.port == port.0 {
                 *e = Entry::default();
@@ -115,6 +140,27 @@ mod tests {
         assert_eq!(t.lookup(&[0xff; 6]), None);
         t.learn(&[0; 6], PortId(1));
         assert_eq!(t.lookup(&[0; 6]), None, "an all-zero source is not learned");
+    }
+
+    #[test]
+    fn cached_answers_follow_every_change() {
+        let mut t = MacTable::new(64);
+        let a = [2, 0, 0, 0, 0, 1];
+        assert_eq!(t.lookup(&a), None);
+        assert_eq!(t.lookup(&a), None);
+        t.learn(&a, PortId(1));
+        assert_eq!(t.lookup(&a), Some(PortId(1)), "a new entry");
+        t.learn(&a, PortId(1));
+        t.learn(&a, PortId(2));
+        assert_eq!(t.lookup(&a), Some(PortId(2)), "a move");
+        t.forget_port(PortId(2));
+        assert_eq!(t.lookup(&a), None, "forgotten");
+        t.learn(&a, PortId(2));
+        assert_eq!(
+            t.lookup(&a),
+            Some(PortId(2)),
+            "learned again after forget_port"
+        );
     }
 
     #[test]
