@@ -122,15 +122,19 @@ impl Port {
         }
     }
 
-    /// Write a zero virtio-net header and `frame` into every TX buffer, each described by
-    /// its chain's descriptor, so that sending needs only `send_stamped`'s 16 bytes.
+    /// Put a zero virtio-net header and `frame` in TX chain `head`'s buffer, and describe it.
+    fn write_tx(&self, head: u16, frame: &[u8]) {
+        let buf = self.tx_bufs + head as u64 * BUF;
+        self.mem.write(buf, &[0u8; HDR]);
+        self.mem.write(buf + HDR as u64, frame);
+        self.tx
+            .set_desc(&self.mem, head, buf, (HDR + frame.len()) as u32, 0, 0);
+    }
+
+    /// Put `frame` in every TX buffer, so that sending needs only `send_stamped`'s 16 bytes.
     fn fill_tx(&mut self, frame: &[u8]) {
         for head in 0..self.tx.size {
-            let buf = self.tx_bufs + head as u64 * BUF;
-            self.mem.write(buf, &[0u8; HDR]);
-            self.mem.write(buf + HDR as u64, frame);
-            self.tx
-                .set_desc(&self.mem, head, buf, (HDR + frame.len()) as u32, 0, 0);
+            self.write_tx(head, frame);
         }
     }
 
@@ -139,11 +143,7 @@ impl Port {
         let Some(head) = self.free.pop() else {
             return false;
         };
-        let buf = self.tx_bufs + head as u64 * BUF;
-        self.mem.write(buf, &[0u8; HDR]);
-        self.mem.write(buf + HDR as u64, frame);
-        self.tx
-            .set_desc(&self.mem, head, buf, (HDR + frame.len()) as u32, 0, 0);
+        self.write_tx(head, frame);
         self.tx.queue(&self.mem, head);
         true
     }
@@ -330,8 +330,9 @@ pub struct ZeroLoss {
 /// RFC 2544-style zero-loss throughput: binary search over the offered rate, a rate passing
 /// when one of `tries` trials of `cfg.duration` offers it (98 %) and loses no frame (RFC 2544
 /// proper is one trial; on a shared VM one vCPU stall can lose frames at any rate, and a
-/// single unlucky trial early in the search would sink the result); then a run at each of `loads` (fractions of
-/// the rate found) for latency. The upper bound is what a maximum-rate trial delivered.
+/// single unlucky trial early in the search would sink the result); then a run at each of
+/// `loads` (fractions of the rate found) for latency. The upper bound is what a maximum-rate
+/// trial delivered.
 pub fn zero_loss(
     a: &Path,
     b: &Path,
