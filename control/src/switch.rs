@@ -20,6 +20,7 @@ use dataplane::port::VhostPortRt;
 use dataplane::stats::QueueStats;
 use dataplane::tap::Tap;
 use dataplane::{CoreId, PortId};
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::BackendReqHandler;
 
 use crate::config::{Config, PortConfig, PortKind, PortSet, SocketPerm, VhostMode};
@@ -559,6 +560,16 @@ pub fn serve_connection(
                 log::info!("port {name}: frontend disconnected");
                 break;
             }
+            // QEMU's vhost-user net sends SET_VRING_ENABLE before SET_FEATURES (at device
+            // realize and reset, without asking for a reply). The vhost crate refuses it then,
+            // after reading all of it; DPDK's vhost accepts it. Rings start disabled once
+            // PROTOCOL_FEATURES is acked and QEMU enables them again after SET_FEATURES, so
+            // the early message is skipped, not fatal.
+            Err(vhost::vhost_user::Error::InactiveFeature(f))
+                if f == VhostUserVirtioFeatures::PROTOCOL_FEATURES =>
+            {
+                log::debug!("port {name}: SET_VRING_ENABLE before SET_FEATURES skipped");
+            }
             Err(e) => {
                 log::warn!("port {name}: closing connection: {e}");
                 break;
@@ -575,6 +586,44 @@ pub fn serve_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// QEMU's order: SET_VRING_ENABLE before SET_FEATURES. The message is skipped and the
+    /// connection stays up: a GET_FEATURES after it is answered.
+    #[test]
+    fn set_vring_enable_before_set_features_keeps_the_connection() {
+        use std::io::{Read, Write};
+        let pmd = Arc::new(PmdHandle::spawn(CoreId(0)).unwrap());
+        pmd.add_port(VhostPortRt::new(PortId(0), 1)).unwrap();
+        let stats = (0..2).map(|_| Arc::new(QueueStats::default())).collect();
+        let dev = Arc::new(Mutex::new(VhostUserDevice::new(
+            "vm-q".into(),
+            PortId(0),
+            pmd,
+            stats,
+        )));
+        let (mut fe, be) = UnixStream::pair().unwrap();
+        let served = std::thread::spawn(move || {
+            serve_connection("vm-q", be, &dev, &AtomicBool::new(false));
+        });
+        let msg = |request: u32, body: &[u32]| -> Vec<u8> {
+            let size = 4 * body.len() as u32;
+            [request, 1, size]
+                .iter()
+                .chain(body)
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        };
+        fe.write_all(&msg(18, &[0, 1])).unwrap(); // SET_VRING_ENABLE ring 0, enable
+        fe.write_all(&msg(1, &[])).unwrap(); // GET_FEATURES
+        fe.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut reply = [0u8; 20];
+        fe.read_exact(&mut reply).unwrap();
+        assert_eq!(reply[..4], 1u32.to_le_bytes(), "a GET_FEATURES reply");
+        let features = u64::from_le_bytes(reply[12..].try_into().unwrap());
+        assert_eq!(features, crate::vhost_user::OFFERED_FEATURES);
+        drop(fe);
+        served.join().unwrap();
+    }
 
     #[test]
     fn sockets_get_their_mode_stale_ones_are_replaced_live_ones_kept() {
