@@ -3,7 +3,7 @@
 //! and the counters `ctl` reads. Runs on the main control thread.
 
 use std::collections::HashMap;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -21,7 +21,7 @@ use dataplane::stats::QueueStats;
 use dataplane::tap::Tap;
 use dataplane::{CoreId, PortId};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
-use vhost::vhost_user::BackendReqHandler;
+use vhost::vhost_user::{BackendReqHandler, VhostUserBackendReqHandlerMut};
 
 use crate::config::{Config, PortConfig, PortKind, PortSet, SocketPerm, VhostMode};
 use crate::vhost_user::VhostUserDevice;
@@ -551,8 +551,16 @@ pub fn serve_connection(
 ) {
     log::info!("port {name}: frontend connected");
     flag.store(true, Ordering::Relaxed);
+    let mut replies = match s.try_clone() {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!("port {name}: closing connection: {e}");
+            return;
+        }
+    };
     let mut h = BackendReqHandler::from_stream(s, dev.clone());
     loop {
+        let next = peek_message(&replies);
         match h.handle_request() {
             Ok(()) => {}
             Err(vhost::vhost_user::Error::Disconnected)
@@ -560,15 +568,33 @@ pub fn serve_connection(
                 log::info!("port {name}: frontend disconnected");
                 break;
             }
-            // QEMU's vhost-user net sends SET_VRING_ENABLE before SET_FEATURES (at device
-            // realize and reset, without asking for a reply). The vhost crate refuses it then,
-            // after reading all of it; DPDK's vhost accepts it. Rings start disabled once
-            // PROTOCOL_FEATURES is acked and QEMU enables them again after SET_FEATURES, so
-            // the early message is skipped, not fatal.
+            // QEMU's vhost-user net enables its rings with SET_VRING_ENABLE before it sends
+            // SET_FEATURES, and does not enable them again after (QEMU 8 and later also wait
+            // for the REPLY_ACK). The vhost crate refuses the message then, after reading all
+            // of it, without a reply; DPDK's vhost applies it. So do we, from the copy peeked
+            // before the crate read it.
             Err(vhost::vhost_user::Error::InactiveFeature(f))
                 if f == VhostUserVirtioFeatures::PROTOCOL_FEATURES =>
             {
-                log::debug!("port {name}: SET_VRING_ENABLE before SET_FEATURES skipped");
+                let Some(msg) = next.filter(|m| m.vring_enable.is_some()) else {
+                    log::warn!("port {name}: closing connection: inactive feature {f:?}");
+                    break;
+                };
+                let (index, enable) = msg.vring_enable.unwrap_or_default();
+                log::debug!("port {name}: SET_VRING_ENABLE {index} {enable} before SET_FEATURES");
+                let result = dev
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .set_vring_enable(index, enable);
+                if let Err(e) = &result {
+                    log::warn!("port {name}: {e}");
+                }
+                if msg.need_reply() {
+                    if let Err(e) = replies.write_all(&msg.ack(result.is_ok())) {
+                        log::warn!("port {name}: closing connection: {e}");
+                        break;
+                    }
+                }
             }
             Err(e) => {
                 log::warn!("port {name}: closing connection: {e}");
@@ -577,10 +603,69 @@ pub fn serve_connection(
         }
     }
     flag.store(false, Ordering::Relaxed);
-    match dev.lock() {
-        Ok(mut d) => d.disconnect(),
-        Err(p) => p.into_inner().disconnect(),
+    dev.lock().unwrap_or_else(|p| p.into_inner()).disconnect();
+}
+
+/// The next vhost-user message as far as `serve_connection` needs it: its header, and for
+/// SET_VRING_ENABLE its body (ring index, enable).
+#[derive(Clone, Copy)]
+struct Peeked {
+    request: u32,
+    flags: u32,
+    vring_enable: Option<(u32, bool)>,
+}
+
+const SET_VRING_ENABLE: u32 = 18;
+
+impl Peeked {
+    const NEED_REPLY: u32 = 1 << 3;
+    const REPLY: u32 = 1 << 2;
+    const VERSION: u32 = 1;
+
+    fn need_reply(&self) -> bool {
+        self.flags & Self::NEED_REPLY != 0
     }
+
+    /// A REPLY_ACK reply: header, then a u64, 0 for success.
+    fn ack(&self, ok: bool) -> [u8; 20] {
+        let mut out = [0u8; 20];
+        out[..4].copy_from_slice(&self.request.to_le_bytes());
+        out[4..8].copy_from_slice(&(Self::VERSION | Self::REPLY).to_le_bytes());
+        out[8..12].copy_from_slice(&8u32.to_le_bytes());
+        out[12] = u8::from(!ok);
+        out
+    }
+}
+
+/// Look at the next message without taking it (nor its file descriptors) off the socket;
+/// waits until its header (and a SET_VRING_ENABLE's body) has arrived. None when the peer
+/// closed first.
+fn peek_message(s: &UnixStream) -> Option<Peeked> {
+    let mut buf = [0u8; 20];
+    let peek = |buf: &mut [u8]| {
+        // SAFETY: recv writes at most buf.len() bytes into buf, which outlives the call.
+        let n = unsafe {
+            libc::recv(
+                s.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_WAITALL,
+            )
+        };
+        n == buf.len() as isize
+    };
+    if !peek(&mut buf[..12]) {
+        return None;
+    }
+    let word = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let (request, flags, size) = (word(&buf, 0), word(&buf, 4), word(&buf, 8));
+    let vring_enable = (request == SET_VRING_ENABLE && size == 8 && peek(&mut buf))
+        .then(|| (word(&buf, 12), word(&buf, 16) == 1));
+    Some(Peeked {
+        request,
+        flags,
+        vring_enable,
+    })
 }
 
 #[cfg(test)]
@@ -605,18 +690,27 @@ mod tests {
         let served = std::thread::spawn(move || {
             serve_connection("vm-q", be, &dev, &AtomicBool::new(false));
         });
-        let msg = |request: u32, body: &[u32]| -> Vec<u8> {
+        let msg = |request: u32, flags: u32, body: &[u32]| -> Vec<u8> {
             let size = 4 * body.len() as u32;
-            [request, 1, size]
+            [request, flags, size]
                 .iter()
                 .chain(body)
                 .flat_map(|v| v.to_le_bytes())
                 .collect()
         };
-        fe.write_all(&msg(18, &[0, 1])).unwrap(); // SET_VRING_ENABLE ring 0, enable
-        fe.write_all(&msg(1, &[])).unwrap(); // GET_FEATURES
+        fe.write_all(&msg(18, 1, &[0, 1])).unwrap(); // SET_VRING_ENABLE ring 0, enable
         fe.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut reply = [0u8; 20];
+        // The same with NEED_REPLY, as QEMU 8+ sends it: acknowledged with success.
+        fe.write_all(&msg(18, 1 | 8, &[1, 1])).unwrap();
+        fe.read_exact(&mut reply).unwrap();
+        assert_eq!(reply[..12], [18, 0, 0, 0, 5, 0, 0, 0, 8, 0, 0, 0]);
+        assert_eq!(reply[12..], [0; 8], "success");
+        // Ring 2 does not exist: refused, and the connection still stays up.
+        fe.write_all(&msg(18, 1 | 8, &[2, 1])).unwrap();
+        fe.read_exact(&mut reply).unwrap();
+        assert_eq!(reply[12..], [1, 0, 0, 0, 0, 0, 0, 0], "failure");
+        fe.write_all(&msg(1, 1, &[])).unwrap(); // GET_FEATURES
         fe.read_exact(&mut reply).unwrap();
         assert_eq!(reply[..4], 1u32.to_le_bytes(), "a GET_FEATURES reply");
         let features = u64::from_le_bytes(reply[12..].try_into().unwrap());

@@ -307,13 +307,7 @@ impl Testpmd {
     /// SIGKILL: a guest that vanishes mid-traffic.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // `timeout` forwards only some signals; kill the testpmd child itself too.
-            let _ = Command::new("pkill")
-                .args(["-KILL", "-P"])
-                .arg(c.id().to_string())
-                .status();
-            let _ = c.kill();
-            let _ = c.wait();
+            kill_under_timeout(&mut c);
         }
         self.cleanup_hugepages();
     }
@@ -333,6 +327,17 @@ impl Drop for Testpmd {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// SIGKILL a peer started as `timeout … PROGRAM` and the program itself (`timeout` forwards
+/// only some signals), then reap it.
+pub fn kill_under_timeout(c: &mut Child) {
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-P"])
+        .arg(c.id().to_string())
+        .status();
+    let _ = c.kill();
+    let _ = c.wait();
 }
 
 /// RX-packets of `port` in testpmd's final "Forward statistics for port N" block.
