@@ -1,7 +1,7 @@
 //! The real customer: Linux guests (Debian's kernel and a busybox initramfs, built by
 //! scripts/guest-image) in QEMU with virtio-net-pci on vhost-user ports of the switch. The
 //! guests' driver negotiates with ringswitch as with any vhost-user backend, uses interrupts
-//! (EVENT_IDX), and the two guests ping each other through the PMD.
+//! (EVENT_IDX), and the two guests ping each other and run iperf3 through the PMD.
 
 mod common;
 
@@ -73,7 +73,7 @@ impl Drop for Guest {
 }
 
 #[test]
-fn linux_guests_ping_each_other_through_the_switch() {
+fn linux_guests_ping_and_iperf_each_other_through_the_switch() {
     let image = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest-image");
     let built = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/guest-image"))
         .arg(&image)
@@ -88,7 +88,7 @@ fn linux_guests_ping_each_other_through_the_switch() {
         "a",
         &sw.sock(0),
         "52:54:00:00:00:0a",
-        "rs.ip=10.77.0.1/24 rs.stay",
+        "rs.ip=10.77.0.1/24 rs.iperf_server rs.stay",
     );
     let b = Guest::start(
         &image,
@@ -96,7 +96,7 @@ fn linux_guests_ping_each_other_through_the_switch() {
         "b",
         &sw.sock(1),
         "52:54:00:00:00:0b",
-        "rs.ip=10.77.0.2/24 rs.ping=10.77.0.1",
+        "rs.ip=10.77.0.2/24 rs.ping=10.77.0.1 rs.iperf=10.77.0.1",
     );
     // Both drivers came up on their vhost-user NICs.
     let boot = Duration::from_secs(120);
@@ -104,6 +104,15 @@ fn linux_guests_ping_each_other_through_the_switch() {
     assert_eq!(b.wait_line("RS-UP", boot), "RS-UP 52:54:00:00:00:0b");
     let ping = b.wait_line("RS-PING", boot);
     assert_eq!(ping, "RS-PING ok", "{}", b.console());
+    // TCP guest → guest (iperf3, 3 s). Under TCG the guests, not the switch, set the rate.
+    let iperf = b.wait_line("RS-IPERF", Duration::from_secs(60));
+    let mbits: f64 = iperf
+        .trim_start_matches("RS-IPERF")
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{iperf:?}:\n{}", b.console()));
+    println!("linux guest -> guest TCP through ringswitch (TCG guests): {mbits} Mbit/s");
+    assert!(mbits > 1.0, "{iperf}");
     // ARP and ICMP went through the switch both ways, and the guests were notified (the Linux
     // driver waits for interrupts, unlike testpmd).
     let s = sw.stats();
