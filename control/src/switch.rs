@@ -20,7 +20,7 @@ use dataplane::port::VhostPortRt;
 use dataplane::stats::QueueStats;
 use dataplane::tap::Tap;
 use dataplane::{CoreId, PortId};
-use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag, VhostUserVirtioFeatures};
 use vhost::vhost_user::{BackendReqHandler, VhostUserBackendReqHandlerMut};
 
 use crate::config::{Config, PortConfig, PortKind, PortSet, SocketPerm, VhostMode};
@@ -576,11 +576,11 @@ pub fn serve_connection(
             Err(vhost::vhost_user::Error::InactiveFeature(f))
                 if f == VhostUserVirtioFeatures::PROTOCOL_FEATURES =>
             {
-                let Some(msg) = next.filter(|m| m.vring_enable.is_some()) else {
+                let Some((msg, (index, enable))) = next.and_then(|m| Some((m, m.vring_enable?)))
+                else {
                     log::warn!("port {name}: closing connection: inactive feature {f:?}");
                     break;
                 };
-                let (index, enable) = msg.vring_enable.unwrap_or_default();
                 log::debug!("port {name}: SET_VRING_ENABLE {index} {enable} before SET_FEATURES");
                 let result = dev
                     .lock()
@@ -615,22 +615,16 @@ struct Peeked {
     vring_enable: Option<(u32, bool)>,
 }
 
-const SET_VRING_ENABLE: u32 = 18;
-
 impl Peeked {
-    const NEED_REPLY: u32 = 1 << 3;
-    const REPLY: u32 = 1 << 2;
-    const VERSION: u32 = 1;
-
     fn need_reply(&self) -> bool {
-        self.flags & Self::NEED_REPLY != 0
+        self.flags & VhostUserHeaderFlag::NEED_REPLY.bits() != 0
     }
 
-    /// A REPLY_ACK reply: header, then a u64, 0 for success.
+    /// A REPLY_ACK reply: header (protocol version 1), then a u64, 0 for success.
     fn ack(&self, ok: bool) -> [u8; 20] {
         let mut out = [0u8; 20];
         out[..4].copy_from_slice(&self.request.to_le_bytes());
-        out[4..8].copy_from_slice(&(Self::VERSION | Self::REPLY).to_le_bytes());
+        out[4..8].copy_from_slice(&(1 | VhostUserHeaderFlag::REPLY.bits()).to_le_bytes());
         out[8..12].copy_from_slice(&8u32.to_le_bytes());
         out[12] = u8::from(!ok);
         out
@@ -659,8 +653,9 @@ fn peek_message(s: &UnixStream) -> Option<Peeked> {
     }
     let word = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let (request, flags, size) = (word(&buf, 0), word(&buf, 4), word(&buf, 8));
-    let vring_enable = (request == SET_VRING_ENABLE && size == 8 && peek(&mut buf))
-        .then(|| (word(&buf, 12), word(&buf, 16) == 1));
+    let vring_enable =
+        (request == FrontendReq::SET_VRING_ENABLE as u32 && size == 8 && peek(&mut buf))
+            .then(|| (word(&buf, 12), word(&buf, 16) == 1));
     Some(Peeked {
         request,
         flags,
@@ -672,20 +667,13 @@ fn peek_message(s: &UnixStream) -> Option<Peeked> {
 mod tests {
     use super::*;
 
-    /// QEMU's order: SET_VRING_ENABLE before SET_FEATURES. The message is skipped and the
-    /// connection stays up: a GET_FEATURES after it is answered.
+    /// QEMU's order: SET_VRING_ENABLE before SET_FEATURES. The message is applied, its
+    /// REPLY_ACK sent when asked for, and the connection stays up: a GET_FEATURES after it is
+    /// answered.
     #[test]
     fn set_vring_enable_before_set_features_keeps_the_connection() {
-        use std::io::{Read, Write};
-        let pmd = Arc::new(PmdHandle::spawn(CoreId(0)).unwrap());
-        pmd.add_port(VhostPortRt::new(PortId(0), 1)).unwrap();
-        let stats = (0..2).map(|_| Arc::new(QueueStats::default())).collect();
-        let dev = Arc::new(Mutex::new(VhostUserDevice::new(
-            "vm-q".into(),
-            PortId(0),
-            pmd,
-            stats,
-        )));
+        use std::io::Read;
+        let dev = Arc::new(Mutex::new(crate::vhost_user::test_device("vm-q")));
         let (mut fe, be) = UnixStream::pair().unwrap();
         let served = std::thread::spawn(move || {
             serve_connection("vm-q", be, &dev, &AtomicBool::new(false));

@@ -466,18 +466,19 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
     }
 }
 
+/// A device for unit tests: port 0 with one queue pair on a PMD of its own on CPU 0.
+#[cfg(test)]
+pub(crate) fn test_device(name: &str) -> VhostUserDevice {
+    let pmd = Arc::new(PmdHandle::spawn(dataplane::CoreId(0)).unwrap());
+    pmd.add_port(dataplane::port::VhostPortRt::new(PortId(0), 1))
+        .unwrap();
+    let stats = (0..2).map(|_| Arc::new(QueueStats::default())).collect();
+    VhostUserDevice::new(name.into(), PortId(0), pmd, stats)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dataplane::port::VhostPortRt;
-    use dataplane::CoreId;
-
-    fn device() -> VhostUserDevice {
-        let pmd = Arc::new(PmdHandle::spawn(CoreId(0)).unwrap());
-        pmd.add_port(VhostPortRt::new(PortId(0), 1)).unwrap();
-        let stats = (0..2).map(|_| Arc::new(QueueStats::default())).collect();
-        VhostUserDevice::new("vm-test".into(), PortId(0), pmd, stats)
-    }
 
     /// The handler's error: it names the port, and the vhost crate closes the connection on it.
     fn refused<T: std::fmt::Debug>(r: VuResult<T>, what: &str) {
@@ -487,7 +488,7 @@ mod tests {
 
     #[test]
     fn messages_out_of_bounds_or_in_the_wrong_state_are_refused() {
-        let mut d = device();
+        let mut d = test_device("vm-test");
         refused(
             d.set_features(OFFERED_FEATURES | 1 << 0),
             "unoffered feature",
