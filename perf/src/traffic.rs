@@ -204,6 +204,11 @@ fn frame(dst: [u8; 6], src: [u8; 6], ethertype: [u8; 2], len: usize) -> Vec<u8> 
     f
 }
 
+/// An empty one-way latency histogram: 1 ns to 60 s, 3 significant digits.
+fn latency_histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000_000, 3)?)
+}
+
 /// Offset of the sequence number and timestamp in a test frame (after the Ethernet header);
 /// `send_stamped` writes both at once.
 const SEQ_AT: usize = 14;
@@ -232,7 +237,7 @@ pub fn run(a: &Path, b: &Path, cfg: &TrafficConfig) -> anyhow::Result<Report> {
     pa.reclaim();
     pa.fill_tx(&frame(pb.mac, pa.mac, ETH_TEST, cfg.frame_len));
     let mut stamp = [0u8; 16];
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let mut latency = latency_histogram()?;
     let (mut sent, mut received, mut reordered, mut next_seq) = (0u64, 0u64, 0u64, 0u64);
     let ns_per_tick = 1e9 / hz;
     let gap = cfg.rate.map(|r| hz / r);
@@ -443,7 +448,7 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
 /// each row's values are recorded at the row's value, so percentiles come back to within
 /// the file's resolution.
 pub fn parse_hgrm(text: &str) -> anyhow::Result<Histogram<u64>> {
-    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let mut h = latency_histogram()?;
     let mut seen = 0u64;
     for line in text.lines() {
         let cols: Vec<&str> = line.split_whitespace().collect();
@@ -467,7 +472,7 @@ mod tests {
 
     #[test]
     fn hgrm_round_trip() {
-        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+        let mut h = latency_histogram().unwrap();
         for i in 1..=10_000u64 {
             h.record(500 + i * i % 40_000).unwrap();
         }
