@@ -65,7 +65,8 @@ fn queue_json(c: &QueueCounters) -> Value {
         "drop_runt": c.drop_runt, "drop_too_big": c.drop_too_big,
         "drop_no_destination": c.drop_no_destination, "drop_undelivered": c.drop_undelivered,
         "drop_no_mbuf": c.drop_no_mbuf, "drop_tx_full": c.drop_tx_full,
-        "drop_tx_error": c.drop_tx_error,
+        "drop_tx_error": c.drop_tx_error, "drop_bad_offload": c.drop_bad_offload,
+        "sw_offload": c.sw_offload,
         "guest_notifications": c.guest_notifications, "ring_broken": c.ring_broken,
     })
 }

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::sync::Arc;
 
 use dataplane::guest_mem::{MemTable, RegionDesc};
+use dataplane::offload::OffloadCaps;
 use dataplane::pmd::PmdHandle;
 use dataplane::port::NetFeatures;
 use dataplane::stats::QueueStats;
@@ -18,6 +19,14 @@ use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vhost::vhost_user::{Backend, Error as VuError, GpuBackend, Result as VuResult};
 use vhost::VhostUserMemoryRegionBase;
 
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+pub const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << 9;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+pub const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
 pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
 pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
 pub const VIRTIO_F_ANY_LAYOUT: u64 = 1 << 27;
@@ -26,9 +35,21 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
-/// Everything the switch can do for a guest today. Offloads, packed rings and dirty logging
-/// are not offered until the dataplane implements them.
-pub const OFFERED_FEATURES: u64 = VIRTIO_F_VERSION_1
+/// Checksum and TCP segmentation offloads both ways: what a guest leaves undone is finished in
+/// software for destinations that did not negotiate it (dataplane/src/offload.rs).
+pub const OFFLOAD_FEATURES: u64 = VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_GUEST_ECN
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6
+    | VIRTIO_NET_F_HOST_ECN;
+
+/// Everything the switch can do for a guest today. Packed rings and dirty logging are not
+/// offered until the dataplane implements them.
+pub const OFFERED_FEATURES: u64 = OFFLOAD_FEATURES
+    | VIRTIO_F_VERSION_1
     | VIRTIO_NET_F_MRG_RXBUF
     | VIRTIO_NET_F_MQ
     | VIRTIO_F_ANY_LAYOUT
@@ -86,9 +107,20 @@ impl VhostUserDevice {
 
     fn net_features(&self) -> NetFeatures {
         let long = self.features & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let has = |bit: u64| self.features & bit != 0;
+        let rx_offloads = if has(VIRTIO_NET_F_GUEST_CSUM) {
+            OffloadCaps::CSUM
+                .with(OffloadCaps::TSO4, has(VIRTIO_NET_F_GUEST_TSO4))
+                .with(OffloadCaps::TSO6, has(VIRTIO_NET_F_GUEST_TSO6))
+                .with(OffloadCaps::ECN, has(VIRTIO_NET_F_GUEST_ECN))
+        } else {
+            OffloadCaps::NONE
+        };
         NetFeatures {
             hdr_len: if long { 12 } else { 10 },
-            mrg_rxbuf: self.features & VIRTIO_NET_F_MRG_RXBUF != 0,
+            mrg_rxbuf: has(VIRTIO_NET_F_MRG_RXBUF),
+            rx_offloads,
+            tx_offloads: has(VIRTIO_NET_F_CSUM),
         }
     }
 
@@ -490,7 +522,7 @@ mod tests {
     fn messages_out_of_bounds_or_in_the_wrong_state_are_refused() {
         let mut d = test_device("vm-test");
         refused(
-            d.set_features(OFFERED_FEATURES | 1 << 0),
+            d.set_features(OFFERED_FEATURES | 1 << 17), // CTRL_RX
             "unoffered feature",
         );
         refused(

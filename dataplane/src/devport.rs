@@ -6,11 +6,11 @@
 use std::sync::Arc;
 
 use crate::dpdk::{EthDev, MbufBurst};
+use crate::offload::Frame;
 use crate::port::Delivery;
 use crate::stats::QueueStats;
 use crate::tap::{self, Tap, TapIo};
 use crate::virtq::copy::gather;
-use crate::virtq::SegList;
 use crate::PortId;
 
 pub struct EthPortRt {
@@ -56,23 +56,17 @@ impl EthPortRt {
         })
     }
 
-    /// Copy the frame `src[skip..]` into a fresh mbuf and queue it for `flush`. The port is
-    /// listed in `dirty` the first time it gets a frame after a flush.
+    /// Copy a complete frame into a fresh mbuf and queue it for `flush`. The port is listed in
+    /// `dirty` the first time it gets a frame after a flush.
     #[inline]
-    pub fn deliver(
-        &mut self,
-        src: &SegList,
-        skip: u32,
-        frame_len: u32,
-        dirty: &mut Vec<PortId>,
-    ) -> Delivery {
+    pub fn deliver(&mut self, f: &Frame, dirty: &mut Vec<PortId>) -> Delivery {
         let s = &self.to_port;
         let Some(mut m) = self.fresh.take(self.dev.pool()) else {
             s.add(&s.drop_no_mbuf, 1);
             return Delivery::Refused;
         };
-        if !m.fill(frame_len, |d| {
-            gather(src, skip, d);
+        if !m.fill(f.len, |d| {
+            gather(f.segs, f.skip, d);
         }) {
             // Larger than an mbuf of this pool holds (the pool is sized for the largest MTU).
             s.add(&s.drop_too_big, 1);
@@ -112,7 +106,8 @@ impl EthPortRt {
 
 pub struct TapPortRt {
     pub id: PortId,
-    /// Queue 0 is written; every queue is read (the kernel spreads its frames over them).
+    /// Every queue is read (the kernel spreads its frames over them) and written (a frame goes
+    /// to the queue numbered as the one it came from).
     pub queues: Box<[Tap]>,
     pub to_port: Arc<QueueStats>,
     pub from_port: Box<[Arc<QueueStats>]>,
@@ -120,12 +115,16 @@ pub struct TapPortRt {
 
 impl TapPortRt {
     #[inline]
-    pub fn deliver(&mut self, src: &SegList, skip: u32) -> Delivery {
+    pub fn deliver(&mut self, f: &Frame) -> Delivery {
         let s = &self.to_port;
-        let Some(q) = self.queues.first() else {
+        let n = self.queues.len();
+        let Some(q) = self
+            .queues
+            .get(if n > 1 { f.queue as usize % n } else { 0 })
+        else {
             return Delivery::NoQueue;
         };
-        match tap::write_frame(q.fd(), src, skip) {
+        match tap::write_frame(q.fd(), f) {
             TapIo::Done(n) => {
                 s.add(&s.packets, 1);
                 s.add(&s.bytes, n as u64);

@@ -11,6 +11,7 @@ pub mod devport;
 pub mod dpdk;
 pub mod guest_mem;
 pub mod l2;
+pub mod offload;
 pub mod pmd;
 pub mod port;
 pub mod stats;
@@ -21,8 +22,9 @@ pub mod virtq;
 /// Frames per burst, as DPDK and OVS use.
 pub const BURST: usize = 32;
 
-/// Largest frame (without virtio-net header) the switch carries: 64 KiB, a GSO frame's bound.
-pub const MAX_FRAME: u32 = 65535;
+/// Largest frame (without virtio-net header) the switch carries: a TCP segment for TSO (IP's
+/// 64 KiB) behind an Ethernet header and one VLAN tag.
+pub const MAX_FRAME: u32 = 65535 + 18;
 
 /// Index of a port in the switch (dense, assigned by control).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -14,6 +14,7 @@ use crossbeam_queue::ArrayQueue;
 
 use crate::dpdk::MbufBurst;
 use crate::l2::{is_multicast, MacTable};
+use crate::offload::{Frame, VnetHdr, VNET_HDR_LEN};
 use crate::port::{Delivery, NetFeatures, PortRt, RxScratch};
 use crate::stats::{PmdStats, QueueStats};
 use crate::tap::{self, TapIo, TAP_HDR_LEN};
@@ -228,12 +229,13 @@ enum Verdict {
     TooBig,
     NoDestination,
     Undelivered,
+    BadOffload,
 }
 
 /// A burst's verdicts, published to the source queue's counters once.
 #[derive(Default)]
 struct Tally {
-    by_verdict: [u64; 6],
+    by_verdict: [u64; 7],
     packets: u64,
     forwarded_bytes: u64,
 }
@@ -259,6 +261,7 @@ impl Tally {
         s.add(&s.drop_too_big, c[Verdict::TooBig as usize]);
         s.add(&s.drop_no_destination, c[Verdict::NoDestination as usize]);
         s.add(&s.drop_undelivered, c[Verdict::Undelivered as usize]);
+        s.add(&s.drop_bad_offload, c[Verdict::BadOffload as usize]);
     }
 }
 
@@ -423,14 +426,14 @@ impl Pmd {
     #[inline]
     fn vhost_burst(&mut self, src: PortId, q: usize) -> usize {
         // Take the ring out so the destinations can be borrowed mutably meanwhile.
-        let (mut ring, hdr_len) = match self.fabric.port_mut(src) {
+        let (mut ring, features) = match self.fabric.port_mut(src) {
             Some(PortRt::Vhost(p)) => match p.tx[q].take() {
-                Some(r) => (r, p.features.hdr_len as u32),
+                Some(r) => (r, p.features),
                 None => return 0,
             },
             _ => return 0,
         };
-        let n = self.switch_ring(src, &mut ring, hdr_len);
+        let n = self.switch_ring(src, q as u16, &mut ring, features);
         if let Some(PortRt::Vhost(p)) = self.fabric.port_mut(src) {
             p.tx[q] = Some(ring);
         }
@@ -438,7 +441,14 @@ impl Pmd {
     }
 
     #[inline]
-    fn switch_ring(&mut self, src: PortId, ring: &mut SplitRing, hdr_len: u32) -> usize {
+    fn switch_ring(
+        &mut self,
+        src: PortId,
+        queue: u16,
+        ring: &mut SplitRing,
+        features: NetFeatures,
+    ) -> usize {
+        let hdr_len = features.hdr_len as u32;
         let n = ring.avail_pending().min(BURST as u16);
         if n == 0 {
             return 0;
@@ -462,7 +472,27 @@ impl Pmd {
                 (Verdict::Runt, 0)
             } else {
                 let len = self.src.total - hdr_len;
-                (self.fabric.forward(src, &self.src, hdr_len, len), len)
+                // Only a guest that negotiated CSUM may leave work in its header.
+                let vnet = if features.tx_offloads {
+                    let mut b = [0u8; VNET_HDR_LEN];
+                    gather(&self.src, 0, &mut b);
+                    VnetHdr::parse(&b, len)
+                } else {
+                    Ok(VnetHdr::NONE)
+                };
+                match vnet {
+                    Ok(vnet) => {
+                        let f = Frame {
+                            segs: &self.src,
+                            skip: hdr_len,
+                            len,
+                            vnet,
+                            queue,
+                        };
+                        (self.fabric.forward(src, &f), len)
+                    }
+                    Err(_) => (Verdict::BadOffload, len),
+                }
             };
             tally.count(v, len);
             ring.push_used(head, 0);
@@ -484,7 +514,16 @@ impl Pmd {
         for i in 0..n {
             // A chain of more mbufs than a segment list holds is not taken apart.
             let (v, len) = match self.mbufs.segs(i, &mut self.src) {
-                Some(len) => (self.fabric.forward(src, &self.src, 0, len), len),
+                Some(len) => {
+                    let f = Frame {
+                        segs: &self.src,
+                        skip: 0,
+                        len,
+                        vnet: VnetHdr::NONE,
+                        queue: q,
+                    };
+                    (self.fabric.forward(src, &f), len)
+                }
                 None => (Verdict::TooBig, 0),
             };
             tally.count(v, len);
@@ -513,13 +552,26 @@ impl Pmd {
             let TapIo::Done(len) = tap::read_frame(fd, &mut self.tap_hdr, &mut self.tap_buf) else {
                 break;
             };
-            self.src.segs[0] = Seg {
+            self.src.clear();
+            self.src.push(Seg {
                 ptr: self.tap_buf.as_mut_ptr(),
                 len,
+            });
+            let mut b = [0u8; VNET_HDR_LEN];
+            b.copy_from_slice(&self.tap_hdr[..VNET_HDR_LEN]);
+            let v = match VnetHdr::parse(&b, len) {
+                Ok(vnet) => {
+                    let f = Frame {
+                        segs: &self.src,
+                        skip: 0,
+                        len,
+                        vnet,
+                        queue: q as u16,
+                    };
+                    self.fabric.forward(src, &f)
+                }
+                Err(_) => Verdict::BadOffload,
             };
-            self.src.n = 1;
-            self.src.total = len;
-            let v = self.fabric.forward(src, &self.src, 0, len);
             tally.count(v, len);
         }
         if let Some(PortRt::Tap(p)) = self.fabric.port_mut(src) {
@@ -548,17 +600,17 @@ impl Fabric {
         }
     }
 
-    /// Switch one frame, `frame[skip..]` (`frame_len` bytes), that arrived on port `src`.
+    /// Switch one frame that arrived on port `src`.
     #[inline]
-    fn forward(&mut self, src: PortId, frame: &SegList, skip: u32, frame_len: u32) -> Verdict {
-        if frame_len < 14 {
+    fn forward(&mut self, src: PortId, f: &Frame) -> Verdict {
+        if f.len < 14 {
             return Verdict::Runt;
         }
-        if frame_len > MAX_FRAME {
+        if f.len > MAX_FRAME {
             return Verdict::TooBig;
         }
         let mut eth = [0u8; 12];
-        gather(frame, skip, &mut eth);
+        gather(f.segs, f.skip, &mut eth);
         let (dst_mac, src_mac) = eth.split_at(6);
         self.macs.learn(src_mac, src);
 
@@ -570,15 +622,16 @@ impl Fabric {
                 let Some(port) = self.ports.get_mut(dst.0 as usize).and_then(|p| p.as_mut()) else {
                     return Verdict::NoDestination;
                 };
-                return match port.deliver(frame, skip, frame_len, &mut self.rx) {
+                return match port.deliver(f, &mut self.rx) {
                     Delivery::Delivered => Verdict::Forwarded,
                     Delivery::NoQueue => Verdict::NoDestination,
                     Delivery::Refused => Verdict::Undelivered,
+                    Delivery::BadOffload => Verdict::BadOffload,
                 };
             }
         }
         // Broadcast, multicast and unknown unicast: flood to every other port.
-        let (mut delivered, mut refused) = (false, false);
+        let (mut delivered, mut refused, mut bad) = (false, false, false);
         for i in 0..self.active.len() {
             let id = self.active[i];
             if id == src {
@@ -587,16 +640,18 @@ impl Fabric {
             let Some(port) = self.ports[id.0 as usize].as_mut() else {
                 continue;
             };
-            match port.deliver(frame, skip, frame_len, &mut self.rx) {
+            match port.deliver(f, &mut self.rx) {
                 Delivery::Delivered => delivered = true,
                 Delivery::Refused => refused = true,
+                Delivery::BadOffload => bad = true,
                 Delivery::NoQueue => {}
             }
         }
-        match (delivered, refused) {
-            (true, _) => Verdict::Forwarded,
-            (false, true) => Verdict::Undelivered,
-            (false, false) => Verdict::NoDestination,
+        match (delivered, bad, refused) {
+            (true, _, _) => Verdict::Forwarded,
+            (false, true, _) => Verdict::BadOffload,
+            (false, false, true) => Verdict::Undelivered,
+            (false, false, false) => Verdict::NoDestination,
         }
     }
 }
@@ -621,6 +676,17 @@ mod tests {
     }
 
     fn switch_with(mrg: &[bool]) -> (Pmd, Vec<Guest>) {
+        let features: Vec<NetFeatures> = mrg
+            .iter()
+            .map(|&m| NetFeatures {
+                mrg_rxbuf: m,
+                ..NetFeatures::default()
+            })
+            .collect();
+        switch_with_features(&features)
+    }
+
+    fn switch_with_features(features: &[NetFeatures]) -> (Pmd, Vec<Guest>) {
         let shared = Arc::new(Shared {
             cmds: ArrayQueue::new(4),
             stats: PmdStats::default(),
@@ -628,16 +694,13 @@ mod tests {
         });
         let mut pmd = Pmd::new(shared);
         let mut guests = Vec::new();
-        for (i, &m) in mrg.iter().enumerate() {
+        for (i, &f) in features.iter().enumerate() {
             let g = Guest {
                 tx: MockGuest::new(64),
                 rx: MockGuest::new(64),
             };
             let mut p = VhostPortRt::new(PortId(i as u16), 1);
-            p.features = NetFeatures {
-                hdr_len: 12,
-                mrg_rxbuf: m,
-            };
+            p.features = f;
             p.rx[0] = Some(Box::new(g.rx.ring(false)));
             p.tx[0] = Some(Box::new(g.tx.ring(false)));
             pmd.apply(Command::AddPort(
@@ -752,5 +815,75 @@ mod tests {
         g[0].tx.add_chain(&[frame(0xff, 0x11, 60)], 0);
         pmd.poll_all();
         assert_eq!(stats(&pmd, 1, false).drop_no_rx_buffer, 1);
+    }
+
+    #[test]
+    fn offloads_pass_to_guests_that_take_them_and_are_finished_for_others() {
+        use crate::offload::tests::{check_tcp, tso_frame};
+        use crate::offload::OffloadCaps;
+        let sender = NetFeatures {
+            mrg_rxbuf: true,
+            tx_offloads: true,
+            ..NetFeatures::default()
+        };
+        let takes_all = NetFeatures {
+            rx_offloads: OffloadCaps::ALL,
+            ..sender
+        };
+        let takes_none = NetFeatures {
+            mrg_rxbuf: true,
+            ..NetFeatures::default()
+        };
+        let (mut pmd, mut g) = switch_with_features(&[sender, takes_all, takes_none]);
+        for _ in 0..12 {
+            g[1].rx.add_rx(&[2048]);
+            g[2].rx.add_rx(&[2048]);
+        }
+        // 4000 bytes of TCP payload in one frame, MSS 1448, checksum left to do.
+        let (f, h) = tso_frame(false, false, 4000, 1448);
+        let mut hdr = h.bytes().to_vec();
+        hdr.extend([0, 0]);
+        g[0].tx
+            .add_chain(&[hdr, f[..100].to_vec(), f[100..].to_vec()], 0);
+        assert_eq!(pmd.poll_all(), 1);
+        // Port 1 took it as it is: one frame over two buffers, header intact but num_buffers.
+        let mut got = Vec::new();
+        for i in 0..g[1].rx.used_idx() {
+            got.extend(
+                g[1].rx
+                    .read(0x10_0000 + 2048 * i as u64, g[1].rx.used_elem(i).1 as usize),
+            );
+        }
+        assert_eq!(&got[..10], &h.bytes());
+        assert_eq!(&got[12..], &f[..]);
+        // Port 2 got three complete frames with valid checksums, counted as made in software.
+        assert_eq!(g[2].rx.used_idx(), 3);
+        let mut payload = Vec::new();
+        for i in 0..3 {
+            let len = g[2].rx.used_elem(i).1 as usize;
+            let b = g[2].rx.read(0x10_0000 + 2048 * i as u64, len);
+            assert_eq!(&b[..10], &[0; 10], "a complete frame's header");
+            payload.extend(check_tcp(&b[12..]).3);
+        }
+        assert_eq!(payload, f[f.len() - 4000..]);
+        assert_eq!(stats(&pmd, 2, false).sw_offload, 3);
+        let s = stats(&pmd, 0, true);
+        assert_eq!((s.packets, s.forwarded), (1, 1));
+        // A header that lies about the frame, to port 2 (which learns the destination MAC
+        // first): the segmentation finds no TCP header where it says, and the frame is dropped
+        // and counted at the source.
+        g[2].tx.add_chain(&[frame(0xff, 0x0b, 60)], 0);
+        g[0].rx.add_rx(&[2048]);
+        g[1].rx.add_rx(&[2048]);
+        pmd.poll_all();
+        let mut bad = h;
+        bad.csum_start = 20;
+        let mut hdr = bad.bytes().to_vec();
+        hdr.extend([0, 0]);
+        g[0].tx.add_chain(&[hdr, f.clone()], 0);
+        pmd.poll_all();
+        let s = stats(&pmd, 0, true);
+        assert_eq!((s.packets, s.forwarded, s.drop_bad_offload), (2, 1, 1));
+        assert_eq!(s.packets, s.forwarded + s.drops());
     }
 }

@@ -4,6 +4,7 @@
 //! teardown. Device-backed kinds (DPDK, tap) live in devport.rs.
 
 use crate::devport::{EthPortRt, TapPortRt};
+use crate::offload::{self, Frame, OffloadCaps, SoftScratch, VNET_HDR_LEN};
 use crate::virtq::copy::Writer;
 use crate::virtq::{SegList, SplitRing};
 use crate::PortId;
@@ -20,6 +21,11 @@ pub struct NetFeatures {
     /// virtio-net header length: 12 with VERSION_1 or MRG_RXBUF, else 10.
     pub hdr_len: u8,
     pub mrg_rxbuf: bool,
+    /// Offloads the guest takes on its RX queues (GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN).
+    pub rx_offloads: OffloadCaps,
+    /// The guest may hand over frames with checksums or segmentation left to do (CSUM): its
+    /// TX headers are read.
+    pub tx_offloads: bool,
 }
 
 impl Default for NetFeatures {
@@ -27,6 +33,8 @@ impl Default for NetFeatures {
         NetFeatures {
             hdr_len: 12,
             mrg_rxbuf: false,
+            rx_offloads: OffloadCaps::NONE,
+            tx_offloads: false,
         }
     }
 }
@@ -106,20 +114,73 @@ impl PortRt {
         }
     }
 
-    /// Offer the frame `src[skip..]` (`frame_len` bytes). Deliveries that are only queued (guest
-    /// used entries, mbufs) list the port in `scratch.dirty` for the caller to flush.
+    /// Offer a frame. Deliveries that are only queued (guest used entries, mbufs) list the port
+    /// in `scratch.dirty` for the caller to flush. A frame whose offloads the port does not take
+    /// is finished in software first (offload.rs).
     #[inline]
-    pub fn deliver(
-        &mut self,
-        src: &SegList,
-        skip: u32,
-        frame_len: u32,
-        scratch: &mut RxScratch,
-    ) -> Delivery {
+    pub fn deliver(&mut self, f: &Frame, scratch: &mut RxScratch) -> Delivery {
+        if f.vnet.is_none() || self.offloads().take(&f.vnet) {
+            self.deliver_as_is(f, scratch)
+        } else {
+            self.deliver_finished(f, scratch)
+        }
+    }
+
+    #[inline]
+    fn deliver_as_is(&mut self, f: &Frame, scratch: &mut RxScratch) -> Delivery {
         match self {
-            PortRt::Vhost(p) => deliver(p, src, skip, frame_len, scratch),
-            PortRt::Eth(p) => p.deliver(src, skip, frame_len, &mut scratch.dirty),
-            PortRt::Tap(p) => p.deliver(src, skip),
+            PortRt::Vhost(p) => deliver(p, f, scratch),
+            PortRt::Eth(p) => p.deliver(f, &mut scratch.dirty),
+            PortRt::Tap(p) => p.deliver(f),
+        }
+    }
+
+    /// The offloads the port takes as they are.
+    #[inline]
+    fn offloads(&self) -> OffloadCaps {
+        match self {
+            PortRt::Vhost(p) => p.features.rx_offloads,
+            // A tap takes any virtio-net header written to it (the kernel segments if need be).
+            PortRt::Tap(_) => OffloadCaps::ALL,
+            PortRt::Eth(_) => OffloadCaps::NONE,
+        }
+    }
+
+    /// Checksums filled in, segments cut, each resulting frame delivered as is.
+    #[cold]
+    fn deliver_finished(&mut self, f: &Frame, scratch: &mut RxScratch) -> Delivery {
+        let Some(mut soft) = scratch.soft.take() else {
+            return Delivery::Refused;
+        };
+        let mut no_queue = false;
+        let made = offload::finish(f, &mut soft, |frame| {
+            match self.deliver_as_is(frame, scratch) {
+                Delivery::Delivered => return true,
+                Delivery::NoQueue => no_queue = true,
+                Delivery::Refused | Delivery::BadOffload => {}
+            }
+            false
+        });
+        scratch.soft = Some(soft);
+        let Ok(made) = made else {
+            return Delivery::BadOffload;
+        };
+        if let Some(s) = self.to_port_stats() {
+            s.add(&s.sw_offload, made.frames as u64);
+        }
+        match made.delivered {
+            0 if no_queue => Delivery::NoQueue,
+            0 => Delivery::Refused,
+            _ => Delivery::Delivered,
+        }
+    }
+
+    /// Where deliveries into the port are counted (for a guest, its first RX queue).
+    fn to_port_stats(&self) -> Option<&crate::stats::QueueStats> {
+        match self {
+            PortRt::Vhost(p) => p.rx.iter().flatten().next().map(|r| &*r.stats),
+            PortRt::Eth(p) => Some(&p.to_port),
+            PortRt::Tap(p) => Some(&p.to_port),
         }
     }
 
@@ -147,6 +208,9 @@ pub enum Delivery {
     NoQueue,
     /// Counted on the destination queue (no RX buffer, too big, bad RX descriptor).
     Refused,
+    /// The frame's offload header does not describe it (checksum or TCP headers not where it
+    /// says): the source's fault, counted there.
+    BadOffload,
 }
 
 /// Scratch space for RX chains, allocated once per PMD.
@@ -154,6 +218,8 @@ pub struct RxScratch {
     chains: Box<[SegList]>,
     /// Ports given used RX entries since the owner last flushed them, each listed once.
     pub dirty: Vec<PortId>,
+    /// For frames finished in software; taken out while in use.
+    soft: Option<Box<SoftScratch>>,
 }
 
 impl Default for RxScratch {
@@ -161,26 +227,35 @@ impl Default for RxScratch {
         RxScratch {
             chains: (0..MAX_RX_CHAINS).map(|_| SegList::default()).collect(),
             dirty: Vec::with_capacity(crate::pmd::MAX_PORTS),
+            soft: Some(Box::default()),
         }
     }
 }
 
-/// Copy the frame `src[skip..]` (`frame_len` bytes) with a fresh virtio-net header into the
-/// first running RX queue of `port`. Used entries are written but not published: the port is
-/// listed in `scratch.dirty` for the caller to flush once per burst.
+/// Copy a frame with its virtio-net header into an RX queue of `port`: the running one
+/// numbered as the queue it came from (modulo the guest's queues), or the next running one.
+/// Used entries are written but not published: the port is listed in `scratch.dirty` for the
+/// caller to flush once per burst.
 #[inline]
-pub fn deliver(
-    port: &mut VhostPortRt,
-    src: &SegList,
-    skip: u32,
-    frame_len: u32,
-    scratch: &mut RxScratch,
-) -> Delivery {
+pub fn deliver(port: &mut VhostPortRt, f: &Frame, scratch: &mut RxScratch) -> Delivery {
     let features = port.features;
-    let Some(ring) = port.rx.iter_mut().flatten().find(|r| !r.broken) else {
+    let queues = port.rx.len();
+    let first = if queues > 1 {
+        f.queue as usize % queues
+    } else {
+        0
+    };
+    let (before, from) = port.rx.split_at_mut(first);
+    let Some(ring) = from
+        .iter_mut()
+        .chain(before.iter_mut())
+        .flatten()
+        .find(|r| !r.broken)
+    else {
         return Delivery::NoQueue;
     };
-    let result = fill(ring, features, src, skip, frame_len, scratch);
+    let result = fill(ring, features, f, scratch);
+    let frame_len = f.len;
     if !port.rx_dirty {
         port.rx_dirty = true;
         scratch.dirty.push(port.id);
@@ -209,13 +284,11 @@ enum RxDrop {
 fn fill(
     ring: &mut SplitRing,
     features: NetFeatures,
-    src: &SegList,
-    skip: u32,
-    frame_len: u32,
+    f: &Frame,
     scratch: &mut RxScratch,
 ) -> Result<(), RxDrop> {
     let hdr_len = features.hdr_len as u32;
-    let need = hdr_len + frame_len;
+    let need = hdr_len + f.len;
     ring.prefetch_ahead(RX_PREFETCH_AHEAD);
 
     // Reserve chains (without consuming them) until they hold the frame.
@@ -245,10 +318,13 @@ fn fill(
 
     let chains = &scratch.chains[..count as usize];
     let mut hdr = [0u8; 12];
+    if !f.vnet.is_none() {
+        hdr[..VNET_HDR_LEN].copy_from_slice(&f.vnet.bytes());
+    }
     hdr[10..12].copy_from_slice(&count.to_le_bytes()); // num_buffers (only read with MRG_RXBUF)
     let mut w = Writer::new(chains);
     w.write_unless_equal(&hdr[..hdr_len as usize]);
-    w.copy_chain(src, skip);
+    w.copy_chain(f.segs, f.skip);
 
     let mut left = need;
     for c in chains {

@@ -36,6 +36,12 @@ pub struct QueueStats {
     pub drop_tx_full: AtomicU64,
     /// Tap port: the kernel refused the frame (link down, …).
     pub drop_tx_error: AtomicU64,
+    /// Taken from the port: its virtio-net header does not describe the frame (a checksum
+    /// outside it, segmentation of something that is not TCP, headers not where it says).
+    pub drop_bad_offload: AtomicU64,
+    /// Delivered into the port: complete frames the switch made because the port does not take
+    /// the offload the source used (checksums filled in, TCP segments cut to MSS).
+    pub sw_offload: AtomicU64,
     /// Call-eventfd writes (interrupts injected into the guest).
     pub guest_notifications: AtomicU64,
     /// 1 once the guest corrupted the ring (avail index jumped); cleared by a device reset.
@@ -64,6 +70,8 @@ impl QueueStats {
             drop_no_mbuf: l(&self.drop_no_mbuf),
             drop_tx_full: l(&self.drop_tx_full),
             drop_tx_error: l(&self.drop_tx_error),
+            drop_bad_offload: l(&self.drop_bad_offload),
+            sw_offload: l(&self.sw_offload),
             guest_notifications: l(&self.guest_notifications),
             ring_broken: l(&self.ring_broken),
         }
@@ -85,6 +93,8 @@ pub struct QueueCounters {
     pub drop_no_mbuf: u64,
     pub drop_tx_full: u64,
     pub drop_tx_error: u64,
+    pub drop_bad_offload: u64,
+    pub sw_offload: u64,
     pub guest_notifications: u64,
     pub ring_broken: u64,
 }
@@ -104,6 +114,8 @@ impl QueueCounters {
         self.drop_no_mbuf += o.drop_no_mbuf;
         self.drop_tx_full += o.drop_tx_full;
         self.drop_tx_error += o.drop_tx_error;
+        self.drop_bad_offload += o.drop_bad_offload;
+        self.sw_offload += o.sw_offload;
         self.guest_notifications += o.guest_notifications;
         self.ring_broken += o.ring_broken;
     }
@@ -118,6 +130,7 @@ impl QueueCounters {
             + self.drop_no_mbuf
             + self.drop_tx_full
             + self.drop_tx_error
+            + self.drop_bad_offload
     }
 }
 

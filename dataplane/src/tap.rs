@@ -1,20 +1,26 @@
 //! Kernel tap devices, the fallback port when DPDK has none to offer. Control opens the device
 //! (`Tap::open`); the PMD reads and writes it non-blocking, one frame per call, writing straight
 //! from guest buffers (`writev`). The tap carries a 12-byte virtio-net header on every frame
-//! (IFF_VNET_HDR); no offloads are enabled, so the kernel hands over only complete, checksummed
-//! frames and the header stays all-zero. This is one of the few places a PMD makes system calls.
+//! (IFF_VNET_HDR) and has checksum and TCP segmentation offload on (TUNSETOFFLOAD): the kernel
+//! hands over 64 KiB TCP segments with their checksum left to do, as a guest's driver would, and
+//! takes them the same way. This is one of the few places a PMD makes system calls.
 
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use crate::virtq::SegList;
+use crate::offload::{Frame, VNET_HDR_LEN};
 
 /// The virtio-net header length the tap is set to (VERSION_1 layout, num_buffers included).
 pub const TAP_HDR_LEN: usize = 12;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
+const TUN_F_TSO_ECN: libc::c_uint = 0x08;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
@@ -32,7 +38,7 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
-    #[error("tap {name}: set virtio-net header size")]
+    #[error("tap {name}: set virtio-net header size or offloads")]
     VnetHdr {
         name: String,
         #[source]
@@ -104,6 +110,14 @@ impl Tap {
         let hdr: libc::c_int = TAP_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int.
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) } < 0 {
+            return Err(TapError::VnetHdr {
+                name: name.into(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
+        // SAFETY: TUNSETOFFLOAD takes its flags as the argument itself (an unsigned int).
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, offloads as libc::c_ulong) } < 0 {
             return Err(TapError::VnetHdr {
                 name: name.into(),
                 source: io::Error::last_os_error(),
@@ -183,22 +197,24 @@ pub fn read_frame(fd: RawFd, hdr: &mut [u8; TAP_HDR_LEN], buf: &mut [u8]) -> Tap
     }
 }
 
-/// Write one frame: a zeroed virtio-net header, then `src` from `skip` bytes on, straight from
-/// the source buffers (guest memory or an mbuf).
+/// Write one frame with its virtio-net header, straight from the source buffers (guest memory,
+/// an mbuf).
 #[inline]
-pub fn write_frame(fd: RawFd, src: &SegList, mut skip: u32) -> TapIo {
-    static ZERO_HDR: [u8; TAP_HDR_LEN] = [0; TAP_HDR_LEN];
+pub fn write_frame(fd: RawFd, f: &Frame) -> TapIo {
+    let mut hdr = [0u8; TAP_HDR_LEN];
+    hdr[..VNET_HDR_LEN].copy_from_slice(&f.vnet.bytes());
     let mut iov = [libc::iovec {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
     }; crate::virtq::MAX_SEGS + 1];
     iov[0] = libc::iovec {
-        iov_base: ZERO_HDR.as_ptr() as *mut _,
+        iov_base: hdr.as_mut_ptr().cast(),
         iov_len: TAP_HDR_LEN,
     };
     let mut n = 1;
     let mut len = 0u32;
-    for seg in src.segs() {
+    let mut skip = f.skip;
+    for seg in f.segs.segs() {
         if skip >= seg.len {
             skip -= seg.len;
             continue;
@@ -213,7 +229,7 @@ pub fn write_frame(fd: RawFd, src: &SegList, mut skip: u32) -> TapIo {
         skip = 0;
         n += 1;
     }
-    // SAFETY: every iovec points into readable memory: the static header, or segments that were
+    // SAFETY: every iovec points into readable memory: the header, or segments that were
     // bounds-checked against mapped guest memory (or an mbuf we own) for their full length.
     let r = unsafe { libc::writev(fd, iov.as_ptr(), n as libc::c_int) };
     match r {
@@ -226,7 +242,8 @@ pub fn write_frame(fd: RawFd, src: &SegList, mut skip: u32) -> TapIo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtq::Seg;
+    use crate::offload::VnetHdr;
+    use crate::virtq::{Seg, SegList};
 
     /// Two queues of one tap device: what one writes as the "outside" is not looped back, so
     /// check the kernel's view instead: a written frame counts as received by the interface.
@@ -257,7 +274,14 @@ mod tests {
         };
         src.n = 2;
         src.total = (a.len() + b.len()) as u32;
-        assert_eq!(write_frame(tap.fd(), &src, 4), TapIo::Done(60));
+        let f = Frame {
+            segs: &src,
+            skip: 4,
+            len: 60,
+            vnet: VnetHdr::NONE,
+            queue: 0,
+        };
+        assert_eq!(write_frame(tap.fd(), &f), TapIo::Done(60));
         assert_eq!(rx_packets(&name), rx_before + 1);
         // Nothing was sent by the kernel towards us yet (no addresses): a read would block.
         let mut hdr = [0u8; TAP_HDR_LEN];

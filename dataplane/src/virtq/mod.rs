@@ -56,6 +56,61 @@ impl SegList {
     pub fn segs(&self) -> &[Seg] {
         &self.segs[..self.n]
     }
+
+    /// Empty the list.
+    pub fn clear(&mut self) {
+        self.n = 0;
+        self.total = 0;
+    }
+
+    /// Append a buffer; false (and nothing appended) if the list is full.
+    pub fn push(&mut self, seg: Seg) -> bool {
+        if self.n == MAX_SEGS {
+            return false;
+        }
+        self.segs[self.n] = seg;
+        self.n += 1;
+        self.total += seg.len;
+        true
+    }
+
+    /// Append the pieces of `src` that hold its bytes `from..from + len` (a frame assembled
+    /// from parts of another, without copying); false if they do not all fit.
+    pub fn push_range(&mut self, src: &SegList, mut from: u32, mut len: u32) -> bool {
+        for seg in src.segs() {
+            if len == 0 {
+                break;
+            }
+            if from >= seg.len {
+                from -= seg.len;
+                continue;
+            }
+            let n = (seg.len - from).min(len);
+            let piece = Seg {
+                ptr: seg.ptr.wrapping_add(from as usize),
+                len: n,
+            };
+            if !self.push(piece) {
+                return false;
+            }
+            len -= n;
+            from = 0;
+        }
+        len == 0
+    }
+
+    /// A list over the given buffers (tests).
+    #[cfg(test)]
+    pub(crate) fn over(bufs: &mut [Vec<u8>]) -> SegList {
+        let mut l = SegList::default();
+        for b in bufs.iter_mut() {
+            assert!(l.push(Seg {
+                ptr: b.as_mut_ptr(),
+                len: b.len() as u32,
+            }));
+        }
+        l
+    }
 }
 
 /// Why a chain was refused. Each becomes a counted drop; the chain is returned with length 0.
