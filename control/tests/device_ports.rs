@@ -180,12 +180,19 @@ fn netns_ping_and_tcp_through_tap_and_af_packet() {
     let s = sw.stats();
     let (host, wire) = (sw.port(&s, 0), sw.port(&s, 1));
     let n = |p: &serde_json::Value, side: &str, k: &str| p[side][k].as_u64().unwrap();
-    // 20 MB in ≤1500-byte frames went A → B: from the tap, into the af_packet port.
-    assert!(n(&host, "from_port", "forwarded") > 13_000, "{s}");
-    assert!(n(&wire, "to_port", "packets") >= n(&host, "from_port", "forwarded") - 10);
+    // 20 MB went A → B: the tap (TSO on) hands over TCP segments of up to 64 KiB, which the
+    // af_packet port (no offloads) gets cut into ≤1500-byte frames with checksums filled in by
+    // the switch; B's SHA-256 above says they were cut right.
+    let host_frames = n(&host, "from_port", "forwarded");
+    assert!(host_frames > 100, "{s}");
+    assert!(n(&wire, "to_port", "packets") > 13_000, "{s}");
     assert!(
-        n(&wire, "from_port", "forwarded") > 1_000,
-        "ACKs B → A: {s}"
+        n(&wire, "to_port", "sw_offload") > 13_000 - host_frames,
+        "{s}"
+    );
+    assert!(
+        n(&wire, "from_port", "forwarded") > 100,
+        "ACKs B → A (how many depends on B's GRO and delayed ACKs): {s}"
     );
     sw.check_accounting();
 }
