@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use dataplane::guest_mem::{MemTable, RegionDesc};
+use dataplane::guest_mem::{DirtyLog, MemTable, RegionDesc};
 use dataplane::offload::OffloadCaps;
 use dataplane::pmd::PmdHandle;
 use dataplane::port::NetFeatures;
@@ -28,7 +28,9 @@ pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
 pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
 pub const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
 pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_NET_F_GUEST_ANNOUNCE: u64 = 1 << 21;
 pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 pub const VIRTIO_F_ANY_LAYOUT: u64 = 1 << 27;
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
@@ -46,9 +48,13 @@ pub const OFFLOAD_FEATURES: u64 = VIRTIO_NET_F_CSUM
     | VIRTIO_NET_F_HOST_TSO6
     | VIRTIO_NET_F_HOST_ECN;
 
-/// Everything the switch can do for a guest today. Packed rings and dirty logging are not
-/// offered until the dataplane implements them.
+/// Everything the switch can do for a guest today (packed rings are not offered until the
+/// dataplane implements them). For live migration: LOG_ALL (dirty-page logging), and
+/// GUEST_ANNOUNCE, with which the guest itself sends gratuitous ARPs once migrated (QEMU
+/// handles the control queue that asks it to), so the switch learns its MAC on the new port.
 pub const OFFERED_FEATURES: u64 = OFFLOAD_FEATURES
+    | VHOST_F_LOG_ALL
+    | VIRTIO_NET_F_GUEST_ANNOUNCE
     | VIRTIO_F_VERSION_1
     | VIRTIO_NET_F_MRG_RXBUF
     | VIRTIO_NET_F_MQ
@@ -57,9 +63,12 @@ pub const OFFERED_FEATURES: u64 = OFFLOAD_FEATURES
     | VIRTIO_RING_F_EVENT_IDX
     | VHOST_USER_F_PROTOCOL_FEATURES;
 
-/// REPLY_ACK is added by the vhost crate itself.
+/// REPLY_ACK is added by the vhost crate itself. LOG_SHMFD: the dirty log is shared memory
+/// (QEMU migrates a vhost-user guest only with it).
 pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 #[derive(Default)]
@@ -69,6 +78,9 @@ struct Vring {
     base: u16,
     kick: Option<File>,
     call: Option<File>,
+    /// Guest-physical address of the used ring for dirty logging (SET_VRING_ADDR's
+    /// `log_guest_addr`, given with VHOST_VRING_F_LOG).
+    log_addr: Option<u64>,
     enabled: bool,
     running: bool,
 }
@@ -83,6 +95,8 @@ pub struct VhostUserDevice {
     features: u64,
     protocol_features: u64,
     mem: Option<Arc<MemTable>>,
+    /// The frontend's dirty-page log (SET_LOG_BASE); used while LOG_ALL is negotiated.
+    log: Option<Arc<DirtyLog>>,
     vrings: Vec<Vring>,
 }
 
@@ -101,6 +115,7 @@ impl VhostUserDevice {
             features: 0,
             protocol_features: 0,
             mem: None,
+            log: None,
             vrings: (0..n).map(|_| Vring::default()).collect(),
         }
     }
@@ -159,6 +174,12 @@ impl VhostUserDevice {
             self.stats[index].clone(),
         )
         .map_err(|e| req_err(format!("port {}: vring {index}: {e}", self.name)))?;
+        let ring = match &self.log {
+            Some(log) if self.features & VHOST_F_LOG_ALL != 0 => {
+                ring.with_log(log.clone(), self.vrings[index].log_addr)
+            }
+            _ => ring,
+        };
         let q = QueueIdx(index as u16);
         // Anything it replaced is dropped here, on control, after the PMD let go of it.
         drop(self.pmd_set(q, features, Some(Box::new(ring)))?);
@@ -226,11 +247,13 @@ impl VhostUserDevice {
         }
         // Every ring is back from the PMD, so nothing can touch the old memory any more.
         self.mem = None;
+        self.log = None;
     }
 
-    /// True when no ring runs and no guest memory is held: the state after `disconnect`.
+    /// True when no ring runs and no guest memory or dirty log is held: the state after
+    /// `disconnect`.
     pub fn is_idle(&self) -> bool {
-        self.mem.is_none() && self.vrings.iter().all(|v| !v.running)
+        self.mem.is_none() && self.log.is_none() && self.vrings.iter().all(|v| !v.running)
     }
 
     fn unsupported<T>(&self, what: &str) -> VuResult<T> {
@@ -334,11 +357,11 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VuResult<()> {
         let addrs = RingAddrs {
             desc: descriptor,
@@ -351,7 +374,11 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
         if running {
             self.stop(index as usize)?;
         }
-        self.vring(index)?.addrs = Some(addrs);
+        let v = self.vring(index)?;
+        v.addrs = Some(addrs);
+        v.log_addr = flags
+            .contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG)
+            .then_some(log);
         self.try_start(index as usize)
     }
 
@@ -493,8 +520,18 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
         self.unsupported("GET_SHMEM_CONFIG")
     }
 
-    fn set_log_base(&mut self, _: &VhostUserLog, _: File) -> VuResult<()> {
-        self.unsupported("SET_LOG_BASE (dirty logging)")
+    /// A new dirty log (migration starts, or guest memory grew). The crate replies once this
+    /// returns: by then every running ring logs into the new one and the old one is unmapped,
+    /// so the frontend may free it.
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        let (size, offset) = (log.mmap_size, log.mmap_offset);
+        let log = DirtyLog::map(file, size, offset)
+            .map_err(|e| req_err(format!("port {}: {e}", self.name)))?;
+        log::info!("port {}: dirty log of {size:#x} bytes", self.name);
+        self.restart_running(|d| {
+            d.log = Some(log);
+            Ok(())
+        })
     }
 }
 
@@ -526,7 +563,7 @@ mod tests {
             "unoffered feature",
         );
         refused(
-            d.set_protocol_features(1 << 4), // LOG_SHMFD
+            d.set_protocol_features(1 << 4), // MTU
             "unoffered protocol feature",
         );
         d.set_features(OFFERED_FEATURES & !VHOST_USER_F_PROTOCOL_FEATURES)
@@ -536,6 +573,15 @@ mod tests {
         refused(d.set_vring_num(0, 100), "size not a power of two");
         refused(d.set_vring_num(0, 65536), "size too large");
         refused(d.set_vring_base(0, 70000), "base above 16 bits");
+        let log = perf::frontend::memfd(0x1000).unwrap();
+        refused(
+            d.set_log_base(&VhostUserLog::new(0x2000, 0), log.try_clone().unwrap()),
+            "dirty log beyond its file",
+        );
+        refused(
+            d.set_log_base(&VhostUserLog::new(0, 0), log),
+            "empty dirty log",
+        );
 
         // Overlapping regions, a region larger than its file.
         let f = perf::frontend::memfd(1 << 20).unwrap();

@@ -1,8 +1,11 @@
 //! Guest memory tables: the frontend's shared-memory regions mapped into this process, and
 //! bounds-checked translation of guest-physical and frontend-virtual addresses to host pointers.
-//! Built and dropped by the control thread; PMDs only read it through the rings that hold it.
+//! Also the dirty-page log of live migration (`DirtyLog`): the frontend's bitmap of the pages the
+//! switch wrote. Built and dropped by the control thread; PMDs only use them through the rings
+//! that hold them.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
@@ -47,6 +50,13 @@ pub enum MemError {
     FileTooSmall { index: usize, need: u64, have: u64 },
     #[error("{regions} regions given with {files} files")]
     FileCount { regions: usize, files: usize },
+    #[error("dirty log of {size:#x} bytes at offset {offset:#x}: cannot map it")]
+    Log {
+        size: u64,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A mapped region: `host` points at guest-physical `gpa`.
@@ -162,6 +172,91 @@ impl MemTable {
 
     pub fn region_count(&self) -> usize {
         self.regions.len()
+    }
+
+    /// The guest-physical address of a host pointer into one of the regions.
+    #[inline]
+    pub fn host_to_gpa(&self, p: *const u8) -> Option<u64> {
+        let p = p as usize;
+        self.regions.iter().find_map(|r| {
+            let off = p.wrapping_sub(r.host as usize) as u64;
+            (p >= r.host as usize && off < r.size).then_some(r.gpa + off)
+        })
+    }
+}
+
+/// Size of the pages one bit of the dirty log stands for (VHOST_LOG_PAGE).
+pub const LOG_PAGE: u64 = 0x1000;
+
+/// The frontend's dirty-page bitmap for live migration (vhost-user SET_LOG_BASE with the
+/// LOG_SHMFD protocol feature): bit n of byte n / 8 set means guest-physical page n was written
+/// by the backend. The frontend reads and clears it concurrently, so bits are set atomically.
+pub struct DirtyLog {
+    bytes: *const AtomicU8,
+    len: u64,
+    _map: MmapRegion,
+}
+
+// SAFETY: `bytes` points into the mapping `_map` owns, alive as long as the log; all access
+// through it is atomic.
+unsafe impl Send for DirtyLog {}
+// SAFETY: as above.
+unsafe impl Sync for DirtyLog {}
+
+impl DirtyLog {
+    /// Map `size` bytes of the frontend's log from `offset` in `file`.
+    pub fn map(file: File, size: u64, offset: u64) -> Result<Arc<DirtyLog>, MemError> {
+        let err = |source| MemError::Log {
+            size,
+            offset,
+            source,
+        };
+        let (_, file_len) = file_geometry(&file).map_err(err)?;
+        let end = offset.checked_add(size).filter(|_| size > 0);
+        let Some(end) = end.filter(|&e| file_len.is_none_or(|have| e <= have)) else {
+            return Err(err(std::io::Error::other("outside the passed file")));
+        };
+        let len = usize::try_from(end).map_err(|_| err(std::io::Error::other("too large")))?;
+        let map = MmapRegionBuilder::new(len)
+            .with_file_offset(FileOffset::new(file, 0))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED)
+            .build()
+            .map_err(|e| err(std::io::Error::other(e)))?;
+        Ok(Arc::new(DirtyLog {
+            bytes: map.as_ptr().wrapping_add(offset as usize) as *const AtomicU8,
+            len: size,
+            _map: map,
+        }))
+    }
+
+    /// Mark the pages of guest-physical `[gpa, gpa + len)`. Pages beyond the log (which the
+    /// frontend sized for its memory) are not logged.
+    #[inline]
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let last = gpa.saturating_add(len - 1) / LOG_PAGE;
+        for page in gpa / LOG_PAGE..=last {
+            if page / 8 >= self.len {
+                return;
+            }
+            // SAFETY: page / 8 < len, the mapped size of the log.
+            let byte = unsafe { &*self.bytes.add((page / 8) as usize) };
+            let bit = 1u8 << (page % 8);
+            if byte.load(Ordering::Relaxed) & bit == 0 {
+                byte.fetch_or(bit, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Mark the pages under host memory `[p, p + len)` of `mem`'s regions.
+    #[inline]
+    pub fn mark_host(&self, mem: &MemTable, p: *const u8, len: u64) {
+        if let Some(gpa) = mem.host_to_gpa(p) {
+            self.mark(gpa, len);
+        }
     }
 }
 
@@ -291,6 +386,32 @@ mod tests {
             MemTable::map(&[d], vec![memfd(0x2000)]),
             Err(MemError::FileTooSmall { need: 0x3000, .. })
         ));
+    }
+
+    #[test]
+    fn dirty_log_marks_pages_by_guest_physical_address() {
+        let t = table(0x10000, 0x10000);
+        let file = memfd(0x1000);
+        let log = DirtyLog::map(file.try_clone().unwrap(), 0x10, 0x100).unwrap();
+        let bits = |f: &File| {
+            let mut b = vec![0u8; 0x10];
+            std::os::unix::fs::FileExt::read_exact_at(f, &mut b, 0x100).unwrap();
+            b
+        };
+        // Pages 0x10 and 0x11 (gpa 0x10ffe..0x11002), then page 0x1f through a host pointer.
+        log.mark(0x10ffe, 4);
+        let p = t.gpa_to_host(0x1f000, 1).unwrap();
+        log.mark_host(&t, p, 1);
+        log.mark(0x1000_0000, 0x1000); // beyond the log
+        log.mark(0x5000, 0);
+        let mut want = vec![0u8; 0x10];
+        want[2] = 0b11;
+        want[3] = 0x80;
+        assert_eq!(bits(&file), want);
+        assert_eq!(t.host_to_gpa(p.wrapping_add(5)), Some(0x1f005));
+        assert_eq!(t.host_to_gpa(p.wrapping_add(0x1000)), None);
+        assert!(DirtyLog::map(file.try_clone().unwrap(), 0x1000, 0x100).is_err());
+        assert!(DirtyLog::map(file, 0, 0).is_err());
     }
 
     #[test]

@@ -897,4 +897,32 @@ mod tests {
         assert_eq!((s.packets, s.forwarded, s.drop_bad_offload), (2, 1, 1));
         assert_eq!(s.packets, s.forwarded + s.drops());
     }
+
+    #[test]
+    fn a_logged_ring_marks_the_pages_it_writes() {
+        use crate::guest_mem::{test_mem::memfd, DirtyLog};
+        use std::os::unix::fs::FileExt;
+        let (mut pmd, mut g) = switch_with(&[false, false]);
+        let file = memfd(0x100);
+        let log = DirtyLog::map(file.try_clone().unwrap(), 0x100, 0).unwrap();
+        let Some(PortRt::Vhost(p)) = pmd.fabric.ports[1].as_mut() else {
+            panic!()
+        };
+        p.rx[0] = Some(Box::new(g[1].rx.ring(false).with_log(log, None)));
+        // One 9000-byte buffer at 0x10_0000 (pages 0x100..=0x102); 5012 bytes are written.
+        g[1].rx.add_rx(&[9000]);
+        g[0].tx.add_chain(&[frame(0xff, 0x11, 5000)], 0);
+        pmd.poll_all();
+        assert_eq!(g[1].rx.used_elem(0).1, 5012);
+        let mut bits = [0u8; 0x100];
+        file.read_exact_at(&mut bits, 0).unwrap();
+        let page = |gpa: u64| bits[(gpa / 0x1000 / 8) as usize] & (1 << (gpa / 0x1000 % 8)) != 0;
+        assert!(page(g[1].rx.used), "used ring");
+        assert!(
+            page(0x10_0000) && page(0x10_1000),
+            "the written part of the buffer"
+        );
+        assert!(!page(0x10_2000), "the unwritten rest");
+        assert!(!page(0x0), "nothing else");
+    }
 }

@@ -330,6 +330,7 @@ fn fill(
     for c in chains {
         let n = left.min(c.total);
         ring.push_used(c.head, n);
+        ring.log_written(c, n);
         left -= n;
     }
     ring.advance(count);

@@ -9,7 +9,7 @@ use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::sync::Arc;
 
 use super::*;
-use crate::guest_mem::MemTable;
+use crate::guest_mem::{DirtyLog, MemTable};
 use crate::stats::QueueStats;
 use crate::{prefetch, prefetch_w};
 
@@ -76,6 +76,14 @@ pub struct SplitRing {
     pub broken: bool,
     call: Option<File>,
     pub stats: Arc<QueueStats>,
+    /// Set while the frontend migrates the guest: every guest page written is logged.
+    log: Option<RingLog>,
+}
+
+/// Dirty logging of one ring: the log, and the used ring's guest-physical address.
+struct RingLog {
+    log: Arc<DirtyLog>,
+    used_gpa: Option<u64>,
 }
 
 // SAFETY: the raw pointers point into `mem`, which the ring keeps alive; the ring is moved between
@@ -130,6 +138,7 @@ impl SplitRing {
             broken: false,
             call,
             stats,
+            log: None,
         };
         // A new ring is a reset one. The PMD that flagged the old one has handed it back, so
         // control is the single writer here.
@@ -143,6 +152,43 @@ impl SplitRing {
 
     pub fn size(&self) -> u16 {
         self.size
+    }
+
+    /// Log every page the ring writes from now on (runs on control, before the PMD has it).
+    /// `used_gpa` is where the frontend says the used ring is (`log_guest_addr`); without it,
+    /// the ring's own translation tells.
+    pub fn with_log(mut self, log: Arc<DirtyLog>, used_gpa: Option<u64>) -> SplitRing {
+        let used_gpa = used_gpa.or_else(|| self.mem.host_to_gpa(self.used));
+        self.log = Some(RingLog { log, used_gpa });
+        self.log_used();
+        self
+    }
+
+    /// Log the used ring (entries, index and avail_event): written on every flush.
+    fn log_used(&self) {
+        if let Some(RingLog {
+            log,
+            used_gpa: Some(gpa),
+        }) = &self.log
+        {
+            log.mark(*gpa, 6 + 8 * self.size as u64);
+        }
+    }
+
+    /// Log the first `len` bytes of a chain's buffers, written by the switch.
+    #[inline]
+    pub fn log_written(&self, chain: &SegList, mut len: u32) {
+        let Some(l) = &self.log else {
+            return;
+        };
+        for seg in chain.segs() {
+            if len == 0 {
+                break;
+            }
+            let n = seg.len.min(len);
+            l.log.mark_host(&self.mem, seg.ptr, n as u64);
+            len -= n;
+        }
     }
 
     fn avail_idx(&self) -> &AtomicU16 {
@@ -428,6 +474,7 @@ impl SplitRing {
             .store(self.used_idx, Ordering::Release);
         self.published_used = self.used_idx;
         self.set_avail_event();
+        self.log_used();
         // The guest writes used_event/flags, then reads used.idx; we write used.idx, then read
         // used_event/flags. Without a full fence both sides could miss each other's store.
         fence(Ordering::SeqCst);
