@@ -12,7 +12,7 @@ use dataplane::pmd::PmdHandle;
 use dataplane::port::NetFeatures;
 use dataplane::stats::QueueStats;
 use dataplane::virtq::split::RingAddrs;
-use dataplane::virtq::SplitRing;
+use dataplane::virtq::{PackedRing, SplitRing, Virtq};
 use dataplane::{PortId, QueueIdx};
 use vhost::vhost_user::message::*;
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
@@ -36,6 +36,8 @@ pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
+pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
 
 /// Checksum and TCP segmentation offloads both ways: what a guest leaves undone is finished in
 /// software for destinations that did not negotiate it (dataplane/src/offload.rs).
@@ -48,13 +50,16 @@ pub const OFFLOAD_FEATURES: u64 = VIRTIO_NET_F_CSUM
     | VIRTIO_NET_F_HOST_TSO6
     | VIRTIO_NET_F_HOST_ECN;
 
-/// Everything the switch can do for a guest today (packed rings are not offered until the
-/// dataplane implements them). For live migration: LOG_ALL (dirty-page logging), and
+/// Everything the switch can do for a guest today. Split or packed rings; IN_ORDER costs
+/// nothing, as chains are always given back in the order they were taken. For live
+/// migration: LOG_ALL (dirty-page logging), and
 /// GUEST_ANNOUNCE, with which the guest itself sends gratuitous ARPs once migrated (QEMU
 /// handles the control queue that asks it to), so the switch learns its MAC on the new port.
 pub const OFFERED_FEATURES: u64 = OFFLOAD_FEATURES
     | VHOST_F_LOG_ALL
     | VIRTIO_NET_F_GUEST_ANNOUNCE
+    | VIRTIO_F_RING_PACKED
+    | VIRTIO_F_IN_ORDER
     | VIRTIO_F_VERSION_1
     | VIRTIO_NET_F_MRG_RXBUF
     | VIRTIO_NET_F_MQ
@@ -164,22 +169,27 @@ impl VhostUserDevice {
             Some(f) => Some(f.try_clone().map_err(VuError::ReqHandlerError)?),
             None => None,
         };
-        let ring = SplitRing::new(
-            mem.clone(),
-            v.size,
-            addrs,
-            v.base,
-            event_idx,
-            call,
-            self.stats[index].clone(),
-        )
+        let stats = self.stats[index].clone();
+        let log = self
+            .log
+            .clone()
+            .filter(|_| self.features & VHOST_F_LOG_ALL != 0);
+        let ring: Virtq = if self.features & VIRTIO_F_RING_PACKED != 0 {
+            PackedRing::new(mem.clone(), v.size, addrs, v.base, event_idx, call, stats)
+                .map(|r| match log {
+                    Some(log) => r.with_log(log),
+                    None => r,
+                })
+                .map(Virtq::from)
+        } else {
+            SplitRing::new(mem.clone(), v.size, addrs, v.base, event_idx, call, stats)
+                .map(|r| match log {
+                    Some(log) => r.with_log(log, v.log_addr),
+                    None => r,
+                })
+                .map(Virtq::from)
+        }
         .map_err(|e| req_err(format!("port {}: vring {index}: {e}", self.name)))?;
-        let ring = match &self.log {
-            Some(log) if self.features & VHOST_F_LOG_ALL != 0 => {
-                ring.with_log(log.clone(), self.vrings[index].log_addr)
-            }
-            _ => ring,
-        };
         let q = QueueIdx(index as u16);
         // Anything it replaced is dropped here, on control, after the PMD let go of it.
         drop(self.pmd_set(q, features, Some(Box::new(ring)))?);
@@ -192,7 +202,7 @@ impl VhostUserDevice {
         Ok(())
     }
 
-    /// Take a running ring back from the PMD; its final `last_avail_idx` becomes the base.
+    /// Take a running ring back from the PMD; where it stopped becomes the base.
     fn stop(&mut self, index: usize) -> VuResult<()> {
         if !self.vrings[index].running {
             return Ok(());
@@ -201,7 +211,7 @@ impl VhostUserDevice {
         let back = self.pmd_set(QueueIdx(index as u16), features, None)?;
         let v = &mut self.vrings[index];
         if let Some(ring) = back {
-            v.base = ring.last_avail_idx;
+            v.base = ring.base();
         }
         v.running = false;
         Ok(())
@@ -211,8 +221,8 @@ impl VhostUserDevice {
         &self,
         q: QueueIdx,
         features: NetFeatures,
-        ring: Option<Box<SplitRing>>,
-    ) -> VuResult<Option<Box<SplitRing>>> {
+        ring: Option<Box<Virtq>>,
+    ) -> VuResult<Option<Box<Virtq>>> {
         self.pmd
             .set_ring(self.id, q, features, ring)
             .map_err(|e| req_err(format!("port {}: {e}", self.name)))
@@ -384,14 +394,21 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
         let name = self.name.clone();
+        let packed = self.features & VIRTIO_F_RING_PACKED != 0;
         let v = self.vring(index)?;
         if v.running {
             return Err(req_err(format!(
                 "port {name}: SET_VRING_BASE on running vring {index}"
             )));
         }
-        v.base = u16::try_from(base)
-            .map_err(|_| req_err(format!("port {name}: vring {index}: base {base} > 65535")))?;
+        // Packed rings: the next available position (wrap counter in bit 15), and the used one
+        // in the upper half, as QEMU sends it. Everything taken is given back before a ring
+        // stops, so the two are the same and the lower half is what counts.
+        v.base = match packed {
+            true => base as u16,
+            false => u16::try_from(base)
+                .map_err(|_| req_err(format!("port {name}: vring {index}: base {base} > 65535")))?,
+        };
         Ok(())
     }
 
@@ -402,7 +419,12 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
         let v = &mut self.vrings[index as usize];
         // A stopped ring needs a new kick fd before it runs again (as in DPDK's vhost).
         v.kick = None;
-        Ok(VhostUserVringState::new(index, v.base as u32))
+        let base = match self.features & VIRTIO_F_RING_PACKED != 0 {
+            // Used position = available position (see `set_vring_base`).
+            true => v.base as u32 | (v.base as u32) << 16,
+            false => v.base as u32,
+        };
+        Ok(VhostUserVringState::new(index, base))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {

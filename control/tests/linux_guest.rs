@@ -1,9 +1,9 @@
 //! The real customer: Linux guests (Debian's kernel and a busybox initramfs, built by
 //! scripts/guest-image) in QEMU with virtio-net-pci on vhost-user ports of the switch, and the
 //! host's kernel on a tap port. The guests' driver negotiates with ringswitch as with any
-//! vhost-user backend: several queue pairs, mergeable RX buffers or not, checksum and TCP
-//! segmentation offloads or not, interrupts (EVENT_IDX), dirty-page logging while QEMU migrates
-//! a guest. The tests drive each guest through a shell on its serial port and QEMU through its
+//! vhost-user backend: several queue pairs, split or packed rings, mergeable RX buffers or not,
+//! checksum and TCP segmentation offloads or not, interrupts (EVENT_IDX), dirty-page logging
+//! while QEMU migrates a guest. The tests drive each guest through a shell on its serial port and QEMU through its
 //! monitor (HMP).
 
 mod common;
@@ -309,7 +309,7 @@ fn guest_image() -> PathBuf {
 
 /// Three guests and the host:
 /// - A: 2 queue pairs, every offload, mergeable buffers;
-/// - B: 2 queue pairs, every offload, mergeable buffers off;
+/// - B: 2 queue pairs, every offload, packed rings, mergeable buffers off;
 /// - C: 1 queue pair, no offloads at all;
 /// - the host's kernel on a tap port (offloads on), in a namespace.
 ///
@@ -348,7 +348,7 @@ fn linux_guests_multiqueue_offloads_and_host_through_the_switch() {
         "b",
         &sw.sock(1),
         "10.77.0.2/24",
-        nic("52:54:00:00:00:0b", 2, "mrg_rxbuf=off"),
+        nic("52:54:00:00:00:0b", 2, "mrg_rxbuf=off,packed=on"),
     );
     let mut c = Guest::start(
         &image,
@@ -382,7 +382,7 @@ fn linux_guests_multiqueue_offloads_and_host_through_the_switch() {
         (
             1,
             "10.77.0.1",
-            "guest <-> guest, offloads on (B: mergeable off)",
+            "guest <-> guest, offloads on (B: packed, mergeable off)",
         ),
         (1, "10.77.0.9", "guest <-> host tap, offloads on"),
         (2, "10.77.0.1", "guest <-> guest, one side without offloads"),

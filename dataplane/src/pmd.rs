@@ -19,7 +19,7 @@ use crate::port::{Delivery, NetFeatures, PortRt, RxScratch};
 use crate::stats::{PmdStats, QueueStats};
 use crate::tap::{self, TapIo, TAP_HDR_LEN};
 use crate::virtq::copy::gather;
-use crate::virtq::{Seg, SegList, SplitRing};
+use crate::virtq::{PackedRing, Seg, SegList, VirtQueue, Virtq};
 use crate::{tsc, CoreId, PortId, QueueIdx, BURST, MAX_FRAME};
 
 /// Ports one PMD can hold; ids are dense indices below this.
@@ -42,7 +42,7 @@ pub enum PmdError {
 
 /// Something the PMD hands back to control, to be dropped (unmapped, closed) there.
 pub enum Returned {
-    Ring(Box<SplitRing>),
+    Ring(Box<Virtq>),
     Port(PortRt),
 }
 
@@ -61,7 +61,7 @@ enum Command {
         port: PortId,
         queue: QueueIdx,
         features: NetFeatures,
-        ring: Option<Box<SplitRing>>,
+        ring: Option<Box<Virtq>>,
         reply: Arc<Reply>,
     },
 }
@@ -170,8 +170,8 @@ impl PmdHandle {
         port: PortId,
         queue: QueueIdx,
         features: NetFeatures,
-        ring: Option<Box<SplitRing>>,
-    ) -> Result<Option<Box<SplitRing>>, PmdError> {
+        ring: Option<Box<Virtq>>,
+    ) -> Result<Option<Box<Virtq>>, PmdError> {
         let r = self.call(|reply| Command::SetRing {
             port,
             queue,
@@ -433,19 +433,34 @@ impl Pmd {
             },
             _ => return 0,
         };
-        let n = self.switch_ring(src, q as u16, &mut ring, features);
+        let n = match &mut *ring {
+            Virtq::Split(r) => self.switch_ring(src, q as u16, r, features),
+            Virtq::Packed(r) => self.switch_packed(src, q as u16, r, features),
+        };
         if let Some(PortRt::Vhost(p)) = self.fabric.port_mut(src) {
             p.tx[q] = Some(ring);
         }
         n
     }
 
-    #[inline]
-    fn switch_ring(
+    /// Packed rings out of line: the split-ring path is the one to keep tight.
+    #[inline(never)]
+    fn switch_packed(
         &mut self,
         src: PortId,
         queue: u16,
-        ring: &mut SplitRing,
+        ring: &mut PackedRing,
+        features: NetFeatures,
+    ) -> usize {
+        self.switch_ring(src, queue, ring, features)
+    }
+
+    #[inline]
+    fn switch_ring<R: VirtQueue>(
+        &mut self,
+        src: PortId,
+        queue: u16,
+        ring: &mut R,
         features: NetFeatures,
     ) -> usize {
         let hdr_len = features.hdr_len as u32;
@@ -488,7 +503,7 @@ impl Pmd {
         }
         ring.advance(n);
         ring.flush();
-        tally.publish(&ring.stats);
+        tally.publish(ring.stats());
         n as usize
     }
 
@@ -712,8 +727,8 @@ mod tests {
             };
             let mut p = VhostPortRt::new(PortId(i as u16), 1);
             p.features = f;
-            p.rx[0] = Some(Box::new(g.rx.ring(false)));
-            p.tx[0] = Some(Box::new(g.tx.ring(false)));
+            p.rx[0] = Some(Box::new(g.rx.ring(false).into()));
+            p.tx[0] = Some(Box::new(g.tx.ring(false).into()));
             pmd.apply(Command::AddPort(
                 p.into(),
                 Arc::new(Reply {
@@ -731,7 +746,7 @@ mod tests {
             panic!("port {port} is not a vhost port")
         };
         let r = if tx { &p.tx[0] } else { &p.rx[0] };
-        r.as_ref().unwrap().stats.snapshot()
+        r.as_ref().unwrap().stats().snapshot()
     }
 
     #[test]
@@ -908,7 +923,7 @@ mod tests {
         let Some(PortRt::Vhost(p)) = pmd.fabric.ports[1].as_mut() else {
             panic!()
         };
-        p.rx[0] = Some(Box::new(g[1].rx.ring(false).with_log(log, None)));
+        p.rx[0] = Some(Box::new(g[1].rx.ring(false).with_log(log, None).into()));
         // One 9000-byte buffer at 0x10_0000 (pages 0x100..=0x102); 5012 bytes are written.
         g[1].rx.add_rx(&[9000]);
         g[0].tx.add_chain(&[frame(0xff, 0x11, 5000)], 0);

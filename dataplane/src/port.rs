@@ -6,7 +6,7 @@
 use crate::devport::{EthPortRt, TapPortRt};
 use crate::offload::{self, Frame, OffloadCaps, SoftScratch, VNET_HDR_LEN};
 use crate::virtq::copy::Writer;
-use crate::virtq::{SegList, SplitRing};
+use crate::virtq::{PackedRing, SegList, VirtQueue, Virtq};
 use crate::PortId;
 
 /// Chains one frame may be spread over with mergeable RX buffers (64 KiB over 1 KiB buffers).
@@ -43,9 +43,9 @@ pub struct VhostPortRt {
     pub id: PortId,
     pub features: NetFeatures,
     /// Guest RX queues (even virtqueue indices 0, 2, …), indexed by queue pair.
-    pub rx: Box<[Option<Box<SplitRing>>]>,
+    pub rx: Box<[Option<Box<Virtq>>]>,
     /// Guest TX queues (odd virtqueue indices), indexed by queue pair.
-    pub tx: Box<[Option<Box<SplitRing>>]>,
+    pub tx: Box<[Option<Box<Virtq>>]>,
     /// Listed in `RxScratch::dirty`: has used RX entries not yet flushed.
     pub rx_dirty: bool,
 }
@@ -62,7 +62,7 @@ impl VhostPortRt {
     }
 
     /// The slot of virtqueue `index` (even: RX, odd: TX), if the port has that many queues.
-    pub fn slot(&mut self, index: u16) -> Option<&mut Option<Box<SplitRing>>> {
+    pub fn slot(&mut self, index: u16) -> Option<&mut Option<Box<Virtq>>> {
         let pair = (index / 2) as usize;
         if index.is_multiple_of(2) {
             self.rx.get_mut(pair)
@@ -72,7 +72,7 @@ impl VhostPortRt {
     }
 
     /// Every ring the port holds, for handing back to control.
-    pub fn take_rings(&mut self) -> impl Iterator<Item = Box<SplitRing>> + '_ {
+    pub fn take_rings(&mut self) -> impl Iterator<Item = Box<Virtq>> + '_ {
         self.rx
             .iter_mut()
             .chain(self.tx.iter_mut())
@@ -178,7 +178,7 @@ impl PortRt {
     /// Where deliveries into the port are counted (for a guest, its first RX queue).
     fn to_port_stats(&self) -> Option<&crate::stats::QueueStats> {
         match self {
-            PortRt::Vhost(p) => p.rx.iter().flatten().next().map(|r| &*r.stats),
+            PortRt::Vhost(p) => p.rx.iter().flatten().next().map(|r| &**r.stats()),
             PortRt::Eth(p) => Some(&p.to_port),
             PortRt::Tap(p) => Some(&p.to_port),
         }
@@ -250,21 +250,34 @@ pub fn deliver(port: &mut VhostPortRt, f: &Frame, scratch: &mut RxScratch) -> De
         .iter_mut()
         .chain(before.iter_mut())
         .flatten()
-        .find(|r| !r.broken)
+        .find(|r| !r.is_broken())
     else {
         return Delivery::NoQueue;
     };
-    let result = fill(ring, features, f, scratch);
-    let frame_len = f.len;
     if !port.rx_dirty {
         port.rx_dirty = true;
         scratch.dirty.push(port.id);
     }
-    let s = &ring.stats;
+    match &mut **ring {
+        Virtq::Split(r) => fill_counted(r, features, f, scratch),
+        Virtq::Packed(r) => fill_packed(r, features, f, scratch),
+    }
+}
+
+/// `fill`, counted on the ring's queue.
+#[inline]
+fn fill_counted<R: VirtQueue>(
+    ring: &mut R,
+    features: NetFeatures,
+    f: &Frame,
+    scratch: &mut RxScratch,
+) -> Delivery {
+    let result = fill(ring, features, f, scratch);
+    let s = ring.stats();
     match result {
         Ok(()) => {
             s.add(&s.packets, 1);
-            s.add(&s.bytes, frame_len as u64);
+            s.add(&s.bytes, f.len as u64);
             return Delivery::Delivered;
         }
         Err(RxDrop::NoBuffer) => s.add(&s.drop_no_rx_buffer, 1),
@@ -274,6 +287,17 @@ pub fn deliver(port: &mut VhostPortRt, f: &Frame, scratch: &mut RxScratch) -> De
     Delivery::Refused
 }
 
+/// Packed rings out of line: the split-ring path is the one to keep tight.
+#[inline(never)]
+fn fill_packed(
+    ring: &mut PackedRing,
+    features: NetFeatures,
+    f: &Frame,
+    scratch: &mut RxScratch,
+) -> Delivery {
+    fill_counted(ring, features, f, scratch)
+}
+
 enum RxDrop {
     NoBuffer,
     TooBig,
@@ -281,8 +305,8 @@ enum RxDrop {
 }
 
 #[inline]
-fn fill(
-    ring: &mut SplitRing,
+fn fill<R: VirtQueue>(
+    ring: &mut R,
     features: NetFeatures,
     f: &Frame,
     scratch: &mut RxScratch,

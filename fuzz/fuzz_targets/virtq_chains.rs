@@ -1,6 +1,7 @@
 //! The descriptor-chain reader and the RX writer over guest memory and rings the fuzzer controls:
 //! a TX ring whose chains are walked and delivered into an RX ring (mergeable or not), for a few
-//! rounds, with the "guest" rewriting memory between rounds. With offloads on, the TX chains'
+//! rounds, with the "guest" rewriting memory between rounds; split or packed rings. With
+//! offloads on, the TX chains'
 //! virtio-net headers are parsed and, for an RX side that does not take them, checksums and TCP
 //! segmentation are done in software (offload.rs). Nothing may panic, every translated segment
 //! must lie inside guest memory, and the RX counters must account for every delivery.
@@ -13,10 +14,10 @@ use std::sync::Arc;
 use dataplane::guest_mem::{MemTable, RegionDesc};
 use dataplane::offload::{Frame, OffloadCaps, VnetHdr, VNET_HDR_LEN};
 use dataplane::port::{Delivery, NetFeatures, PortRt, RxScratch, VhostPortRt};
-use dataplane::virtq::copy::gather;
 use dataplane::stats::QueueStats;
+use dataplane::virtq::copy::gather;
 use dataplane::virtq::split::RingAddrs;
-use dataplane::virtq::{SegList, SplitRing};
+use dataplane::virtq::{PackedRing, SegList, SplitRing, VirtQueue, Virtq};
 use dataplane::{PortId, BURST, MAX_FRAME};
 use libfuzzer_sys::fuzz_target;
 
@@ -37,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let (cfg, image) = data.split_at(4);
     let qsize = |b: u8| 1u32 << (b % 5); // 1..=16
-    // Bits 3..=7 of cfg[2]: TX headers read, then what the RX side takes (CSUM, TSO4, TSO6, ECN).
+                                         // Bits 3..=7 of cfg[2]: TX headers read, then what the RX side takes (CSUM, TSO4, TSO6, ECN).
     let rx_offloads = [
         OffloadCaps::CSUM,
         OffloadCaps::TSO4,
@@ -93,22 +94,24 @@ fuzz_target!(|data: &[u8]| {
             (p, p + size as usize)
         })
         .collect();
-    let ring = |base: u64, size: u32| {
+    // Bit 4 of cfg[3]: packed rings (descriptors at +0, driver area at +0x100, device area at
+    // +0x140; both wrap counters start at 1).
+    let packed = cfg[3] & 0x10 != 0;
+    let ring = |base: u64, size: u32| -> Virtq {
         let uva = UVA + base - A_GPA;
         let addrs = RingAddrs {
             desc: uva,
             avail: uva + 0x100,
             used: uva + 0x140,
         };
-        SplitRing::new(
-            mem.clone(),
-            size,
-            addrs,
-            0,
-            event_idx,
-            None,
-            Arc::new(QueueStats::default()),
-        )
+        let stats = Arc::new(QueueStats::default());
+        let m = mem.clone();
+        match packed {
+            true => {
+                PackedRing::new(m, size, addrs, 0x8000, event_idx, None, stats).map(Virtq::from)
+            }
+            false => SplitRing::new(m, size, addrs, 0, event_idx, None, stats).map(Virtq::from),
+        }
         .expect("rings are placed validly")
     };
     let mut tx = ring(TX, qsize(cfg[0]));
@@ -117,7 +120,7 @@ fuzz_target!(|data: &[u8]| {
     vport.rx[0] = Some(Box::new(ring(RX, qsize(cfg[1]))));
     let rx_stats = vport.rx[0]
         .as_ref()
-        .map(|r| r.stats.clone())
+        .map(|r| r.stats().clone())
         .expect("rx ring");
     let mut port = PortRt::Vhost(vport);
 
@@ -138,50 +141,45 @@ fuzz_target!(|data: &[u8]| {
                 .expect("write");
             }
         }
-        let n = tx.avail_pending().min(BURST as u16);
-        for i in 0..n {
-            let head = tx.head_at(i);
-            tx.prefetch_desc(head);
-            tx.prefetch_data(head, hdr);
-            if tx.walk_chain(head, false, &mut src).is_ok() {
-                let sum: u64 = src.segs().iter().map(|s| s.len as u64).sum();
-                assert_eq!(sum, src.total as u64);
-                for s in src.segs() {
-                    let (p, end) = (s.ptr as usize, s.ptr as usize + s.len as usize);
-                    assert!(
-                        bounds.iter().any(|&(lo, hi)| lo <= p && end <= hi),
-                        "segment outside guest memory"
-                    );
-                }
-                let len = src.total.saturating_sub(hdr);
-                let mut b = [0u8; VNET_HDR_LEN];
-                gather(&src, 0, &mut b);
-                let vnet = match features.tx_offloads {
-                    true => VnetHdr::parse(&b, len),
-                    false => Ok(VnetHdr::NONE),
+        let mut on_frame = |src: &SegList| {
+            let sum: u64 = src.segs().iter().map(|s| s.len as u64).sum();
+            assert_eq!(sum, src.total as u64);
+            for s in src.segs() {
+                let (p, end) = (s.ptr as usize, s.ptr as usize + s.len as usize);
+                assert!(
+                    bounds.iter().any(|&(lo, hi)| lo <= p && end <= hi),
+                    "segment outside guest memory"
+                );
+            }
+            let len = src.total.saturating_sub(hdr);
+            let mut b = [0u8; VNET_HDR_LEN];
+            gather(src, 0, &mut b);
+            let vnet = match features.tx_offloads {
+                true => VnetHdr::parse(&b, len),
+                false => Ok(VnetHdr::NONE),
+            };
+            if let (true, Ok(vnet)) = (len >= 14 && len <= MAX_FRAME, vnet) {
+                let f = Frame {
+                    segs: src,
+                    skip: hdr,
+                    len,
+                    vnet,
+                    queue: 0,
                 };
-                if let (true, Ok(vnet)) = (len >= 14 && len <= MAX_FRAME, vnet) {
-                    let f = Frame {
-                        segs: &src,
-                        skip: hdr,
-                        len,
-                        vnet,
-                        queue: 0,
-                    };
-                    let as_is = vnet.is_none() || rx_offloads.take(&vnet);
-                    match port.deliver(&f, &mut scratch) {
-                        // Only a ring marked broken (avail index jump) stops taking frames.
-                        Delivery::NoQueue => assert!(broken(&port)),
-                        Delivery::BadOffload => assert!(!as_is),
-                        _ if as_is => offered += 1,
-                        _ => finished += 1,
-                    }
+                let as_is = vnet.is_none() || rx_offloads.take(&vnet);
+                match port.deliver(&f, &mut scratch) {
+                    // Only a ring marked broken (avail index jump) stops taking frames.
+                    Delivery::NoQueue => assert!(broken(&port)),
+                    Delivery::BadOffload => assert!(!as_is),
+                    _ if as_is => offered += 1,
+                    _ => finished += 1,
                 }
             }
-            tx.push_used(head, 0);
+        };
+        match &mut tx {
+            Virtq::Split(r) => tx_burst(r, hdr, &mut src, &mut on_frame),
+            Virtq::Packed(r) => tx_burst(r, hdr, &mut src, &mut on_frame),
         }
-        tx.advance(n);
-        tx.flush();
         for id in scratch.dirty.drain(..) {
             assert_eq!(id, PortId(1));
             port.flush();
@@ -203,9 +201,26 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
+/// Take a burst from the TX ring as the PMD does, handing each well-formed chain to `frame`.
+fn tx_burst<R: VirtQueue>(tx: &mut R, hdr: u32, src: &mut SegList, frame: impl FnMut(&SegList)) {
+    let mut frame = frame;
+    let n = tx.avail_pending().min(BURST as u16);
+    for i in 0..n {
+        let head = tx.head_at(i);
+        tx.prefetch_desc(head);
+        tx.prefetch_data(head, hdr);
+        if tx.walk_chain(head, false, src).is_ok() {
+            frame(src);
+        }
+        tx.push_used(head, 0);
+    }
+    tx.advance(n);
+    tx.flush();
+}
+
 fn broken(port: &PortRt) -> bool {
     match port {
-        PortRt::Vhost(p) => p.rx.iter().flatten().all(|r| r.broken),
+        PortRt::Vhost(p) => p.rx.iter().flatten().all(|r| r.is_broken()),
         _ => unreachable!(),
     }
 }

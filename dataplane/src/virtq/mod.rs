@@ -1,11 +1,131 @@
-//! Virtqueues as the PMD sees them: split-ring access over cached host pointers (split.rs),
-//! descriptor chains gathered into segment lists, and scatter-gather copies between guests (copy.rs).
-//! Everything here runs on a PMD thread, except ring construction, which runs on control.
+//! Virtqueues as the PMD sees them: split rings (split.rs) and packed rings (packed.rs) over
+//! cached host pointers, behind one interface (`VirtQueue`) that the hot path is generic over;
+//! descriptor chains gathered into segment lists, and scatter-gather copies between guests
+//! (copy.rs). Everything here runs on a PMD thread, except ring construction, which runs on
+//! control.
+
+use std::sync::Arc;
+
+use crate::guest_mem::MemTable;
+use crate::stats::QueueStats;
 
 pub mod copy;
+pub mod packed;
 pub mod split;
 
+pub use packed::PackedRing;
 pub use split::{RingError, SplitRing};
+
+/// What the PMD does with a virtqueue, split or packed. Chains are taken in the order the
+/// driver made them available and given back in the same order.
+pub trait VirtQueue {
+    /// How many chains are available (up to a burst's worth for packed rings); marks the ring
+    /// broken if the driver's index is impossible.
+    fn avail_pending(&mut self) -> u16;
+    /// At least `want` chains available? Returns how many are known to be; reloads the
+    /// driver's index at most once between flushes.
+    fn avail_at_least(&mut self, want: u16) -> u16;
+    /// The head of the `i`-th available chain (i < what `avail_pending` returned).
+    fn head_at(&self, i: u16) -> u16;
+    /// Cache hints for a chain's descriptor and data (nothing validated, nothing consumed).
+    fn prefetch_desc(&self, head: u16);
+    fn prefetch_data(&self, head: u16, offset: u32);
+    /// RX look-ahead: descriptors `ahead` chains on, buffers half as far.
+    fn prefetch_ahead(&self, ahead: u16);
+    /// Gather the chain at `head` into `out`, every buffer checked against guest memory and for
+    /// its direction, the walk bounded.
+    fn walk_chain(&self, head: u16, writable: bool, out: &mut SegList) -> Result<(), ChainError>;
+    /// Give back the chain at `head` with `len` bytes written, in the order chains were taken.
+    fn push_used(&mut self, head: u16, len: u32);
+    /// Consume `n` chains, each given back with `push_used` in this burst.
+    fn advance(&mut self, n: u16);
+    /// Publish what was given back and notify the driver if it asked.
+    fn flush(&mut self);
+    /// Log (dirty-page log, while migrating) the first `len` bytes of a chain the switch wrote.
+    fn log_written(&self, chain: &SegList, len: u32);
+    fn is_broken(&self) -> bool;
+    fn stats(&self) -> &QueueStats;
+}
+
+/// A running virtqueue as its port holds it (boxed: the variants' sizes do not matter).
+#[allow(clippy::large_enum_variant)]
+pub enum Virtq {
+    Split(SplitRing),
+    Packed(PackedRing),
+}
+
+impl Virtq {
+    pub fn is_broken(&self) -> bool {
+        match self {
+            Virtq::Split(r) => r.is_broken(),
+            Virtq::Packed(r) => r.is_broken(),
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<QueueStats> {
+        match self {
+            Virtq::Split(r) => &r.stats,
+            Virtq::Packed(r) => &r.stats,
+        }
+    }
+
+    pub fn flush(&mut self) {
+        match self {
+            Virtq::Split(r) => r.flush(),
+            Virtq::Packed(r) => flush_packed(r),
+        }
+    }
+
+    /// Where the driver should resume: SET_VRING_BASE's value for a new ring (for packed rings
+    /// the wrap counter is bit 15).
+    pub fn base(&self) -> u16 {
+        match self {
+            Virtq::Split(r) => r.last_avail_idx,
+            Virtq::Packed(r) => r.base(),
+        }
+    }
+}
+
+/// Out of line: the split ring's flush is on every burst's path.
+#[inline(never)]
+fn flush_packed(r: &mut PackedRing) {
+    r.flush()
+}
+
+impl From<SplitRing> for Virtq {
+    fn from(r: SplitRing) -> Self {
+        Virtq::Split(r)
+    }
+}
+
+impl From<PackedRing> for Virtq {
+    fn from(r: PackedRing) -> Self {
+        Virtq::Packed(r)
+    }
+}
+
+/// Translate one guest buffer into `out`, split where it crosses a memory-region boundary.
+#[inline]
+pub(crate) fn push_segs(
+    mem: &MemTable,
+    mut gpa: u64,
+    len: u32,
+    out: &mut SegList,
+) -> Result<(), ChainError> {
+    out.total = out.total.checked_add(len).ok_or(ChainError::BadAddress)?;
+    let mut left = len as u64;
+    while left > 0 {
+        let (ptr, n) = mem
+            .gpa_to_host_partial(gpa, left)
+            .ok_or(ChainError::BadAddress)?;
+        let slot = out.segs.get_mut(out.n).ok_or(ChainError::TooLong)?;
+        *slot = Seg { ptr, len: n as u32 };
+        out.n += 1;
+        left -= n;
+        gpa = gpa.checked_add(n).ok_or(ChainError::BadAddress)?;
+    }
+    Ok(())
+}
 
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;

@@ -175,22 +175,6 @@ impl SplitRing {
         }
     }
 
-    /// Log the first `len` bytes of a chain's buffers, written by the switch.
-    #[inline]
-    pub fn log_written(&self, chain: &SegList, mut len: u32) {
-        let Some(l) = &self.log else {
-            return;
-        };
-        for seg in chain.segs() {
-            if len == 0 {
-                break;
-            }
-            let n = seg.len.min(len);
-            l.log.mark_host(&self.mem, seg.ptr, n as u64);
-            len -= n;
-        }
-    }
-
     fn avail_idx(&self) -> &AtomicU16 {
         // SAFETY: `avail` was checked in `new` to span 6 + 2*size bytes of mapped guest memory,
         // 2-aligned; `mem` keeps it mapped. Atomic access because the guest writes it concurrently.
@@ -225,83 +209,10 @@ impl SplitRing {
         }
     }
 
-    /// How many chains the guest has made available beyond `last_avail_idx`. One acquire load,
-    /// paired with the guest's release (wmb) before it publishes `avail.idx`: ring entries and
-    /// descriptors read after this see what the guest wrote before the index.
-    #[inline]
-    pub fn avail_pending(&mut self) -> u16 {
-        if self.broken {
-            return 0;
-        }
-        let idx = self.avail_idx().load(Ordering::Acquire);
-        let pending = idx.wrapping_sub(self.last_avail_idx);
-        if pending > self.size {
-            self.mark_broken();
-            return 0;
-        }
-        self.avail_shadow = idx;
-        pending
-    }
-
-    /// Like `avail_pending`, but reuses the last loaded index while it still covers `want`
-    /// chains, and loads it at most once between flushes: the RX side asks per frame, and a
-    /// guest that is slow to refill would otherwise cost a miss on its cache line per frame
-    /// (as DPDK's vhost, a burst sees the buffers there were when it started, plus one reload).
-    #[inline]
-    pub fn avail_at_least(&mut self, want: u16) -> u16 {
-        let cached = self.avail_shadow.wrapping_sub(self.last_avail_idx);
-        if cached >= want || self.avail_reloaded {
-            return cached;
-        }
-        self.avail_reloaded = true;
-        self.avail_pending()
-    }
-
     #[cold]
     fn mark_broken(&mut self) {
         self.broken = true;
         self.stats.ring_broken.store(1, Ordering::Relaxed);
-    }
-
-    /// The head index of the `i`-th pending chain (i < avail_pending()).
-    #[inline]
-    pub fn head_at(&self, i: u16) -> u16 {
-        let slot = self.last_avail_idx.wrapping_add(i) & self.mask;
-        self.read_avail_u16(2 + slot as usize)
-    }
-
-    /// Start loading the descriptor `head` into cache. The guest wrote it on another core, so
-    /// the first read misses; issuing these for a whole burst up front overlaps the misses.
-    #[inline]
-    pub fn prefetch_desc(&self, head: u16) {
-        if head < self.size {
-            prefetch(self.desc.wrapping_add(head as usize) as *const u8);
-        }
-    }
-
-    /// RX look-ahead, called once per frame: start loading the descriptor of the chain `ahead`
-    /// places on, and the buffer of the one `ahead / 2` on (whose descriptor an earlier call
-    /// started loading). Frames are written into guest buffers the guest last touched on its own
-    /// core; without this every frame waits for a descriptor miss and then a store miss.
-    #[inline]
-    pub fn prefetch_ahead(&self, ahead: u16) {
-        let cached = self.avail_shadow.wrapping_sub(self.last_avail_idx);
-        if ahead < cached {
-            self.prefetch_desc(self.head_at(ahead));
-        }
-        if ahead / 2 < cached {
-            self.prefetch_rx_buffer(self.head_at(ahead / 2));
-        }
-    }
-
-    /// Start loading the buffer byte at `offset` into the chain `head` (only its first two
-    /// descriptors are looked at; indirect chains are skipped). A hint: nothing is validated
-    /// beyond what makes the address mapped, and nothing is consumed.
-    #[inline]
-    pub fn prefetch_data(&self, head: u16, offset: u32) {
-        if let Some((p, _)) = self.buffer_at(head, offset) {
-            prefetch(p);
-        }
     }
 
     /// Start taking ownership of the first bytes (virtio-net header and a small frame) of the
@@ -340,12 +251,6 @@ impl SplitRing {
         Some((p, span))
     }
 
-    /// Consume `n` chains: they must each get a used entry (`push_used`) in this burst.
-    #[inline]
-    pub fn advance(&mut self, n: u16) {
-        self.last_avail_idx = self.last_avail_idx.wrapping_add(n);
-    }
-
     #[inline]
     fn read_desc(&self, table: *const Desc, i: u16) -> Desc {
         // SAFETY: callers check i < the table's entry count, and the table was bounds-checked
@@ -353,14 +258,120 @@ impl SplitRing {
         unsafe { std::ptr::read_volatile(table.add(i as usize)) }
     }
 
+    #[inline]
+    fn write_shadow(&mut self) {
+        let first = self.used_idx.wrapping_sub(self.shadow_n as u16);
+        for (i, &(id, len)) in self.shadow_used[..self.shadow_n].iter().enumerate() {
+            let slot = (first.wrapping_add(i as u16) & self.mask) as usize;
+            // SAFETY: slot < size, and used.ring[slot] lies at 4 + 8*slot within the checked
+            // 6 + 8*size bytes; 4-aligned. Plain volatile stores: ordered by the release in
+            // `flush`.
+            unsafe {
+                let elem = self.used.add(4 + 8 * slot) as *mut u32;
+                std::ptr::write_volatile(elem, id);
+                std::ptr::write_volatile(elem.add(1), len);
+            }
+        }
+        self.shadow_n = 0;
+    }
+
+    #[inline]
+    fn notify(&mut self) {
+        if let Some(call) = &mut self.call {
+            // The one system call a PMD makes: an eventfd write when the guest asked for it.
+            // A full counter (EAGAIN) still wakes the guest, so the result is not needed.
+            let _ = call.write(&1u64.to_ne_bytes());
+            self.stats.add(&self.stats.guest_notifications, 1);
+        }
+    }
+
+    /// Used index not yet published (for tests and for handing the ring back).
+    pub fn used_idx(&self) -> u16 {
+        self.used_idx
+    }
+
+    pub fn mem(&self) -> &Arc<MemTable> {
+        &self.mem
+    }
+}
+
+impl VirtQueue for SplitRing {
+    /// How many chains the guest has made available beyond `last_avail_idx`. One acquire load,
+    /// paired with the guest's release (wmb) before it publishes `avail.idx`: ring entries and
+    /// descriptors read after this see what the guest wrote before the index.
+    #[inline]
+    fn avail_pending(&mut self) -> u16 {
+        if self.broken {
+            return 0;
+        }
+        let idx = self.avail_idx().load(Ordering::Acquire);
+        let pending = idx.wrapping_sub(self.last_avail_idx);
+        if pending > self.size {
+            self.mark_broken();
+            return 0;
+        }
+        self.avail_shadow = idx;
+        pending
+    }
+
+    /// Like `avail_pending`, but reuses the last loaded index while it still covers `want`
+    /// chains, and loads it at most once between flushes: the RX side asks per frame, and a
+    /// guest that is slow to refill would otherwise cost a miss on its cache line per frame
+    /// (as DPDK's vhost, a burst sees the buffers there were when it started, plus one reload).
+    #[inline]
+    fn avail_at_least(&mut self, want: u16) -> u16 {
+        let cached = self.avail_shadow.wrapping_sub(self.last_avail_idx);
+        if cached >= want || self.avail_reloaded {
+            return cached;
+        }
+        self.avail_reloaded = true;
+        self.avail_pending()
+    }
+
+    /// The head index of the `i`-th pending chain (i < avail_pending()).
+    #[inline]
+    fn head_at(&self, i: u16) -> u16 {
+        let slot = self.last_avail_idx.wrapping_add(i) & self.mask;
+        self.read_avail_u16(2 + slot as usize)
+    }
+
+    /// Start loading the descriptor `head` into cache. The guest wrote it on another core, so
+    /// the first read misses; issuing these for a whole burst up front overlaps the misses.
+    #[inline]
+    fn prefetch_desc(&self, head: u16) {
+        if head < self.size {
+            prefetch(self.desc.wrapping_add(head as usize) as *const u8);
+        }
+    }
+
+    /// RX look-ahead, called once per frame: start loading the descriptor of the chain `ahead`
+    /// places on, and the buffer of the one `ahead / 2` on (whose descriptor an earlier call
+    /// started loading). Frames are written into guest buffers the guest last touched on its own
+    /// core; without this every frame waits for a descriptor miss and then a store miss.
+    #[inline]
+    fn prefetch_ahead(&self, ahead: u16) {
+        let cached = self.avail_shadow.wrapping_sub(self.last_avail_idx);
+        if ahead < cached {
+            self.prefetch_desc(self.head_at(ahead));
+        }
+        if ahead / 2 < cached {
+            self.prefetch_rx_buffer(self.head_at(ahead / 2));
+        }
+    }
+
+    /// Start loading the buffer byte at `offset` into the chain `head` (only its first two
+    /// descriptors are looked at; indirect chains are skipped). A hint: nothing is validated
+    /// beyond what makes the address mapped, and nothing is consumed.
+    #[inline]
+    fn prefetch_data(&self, head: u16, offset: u32) {
+        if let Some((p, _)) = self.buffer_at(head, offset) {
+            prefetch(p);
+        }
+    }
+
     /// Gather the chain starting at `head` into `out`, checking every address against guest
     /// memory, the direction of every buffer, and bounding the walk (loops, indirect abuse).
-    pub fn walk_chain(
-        &self,
-        head: u16,
-        writable: bool,
-        out: &mut SegList,
-    ) -> Result<(), ChainError> {
+    fn walk_chain(&self, head: u16, writable: bool, out: &mut SegList) -> Result<(), ChainError> {
         out.head = head;
         out.n = 0;
         out.total = 0;
@@ -397,7 +408,7 @@ impl SplitRing {
             if (d.flags & VIRTQ_DESC_F_WRITE != 0) != writable {
                 return Err(ChainError::WrongDirection);
             }
-            self.push_segs(d.addr, d.len, out)?;
+            push_segs(&self.mem, d.addr, d.len, out)?;
             if d.flags & VIRTQ_DESC_F_NEXT == 0 {
                 return Ok(());
             }
@@ -412,30 +423,11 @@ impl SplitRing {
         }
     }
 
-    /// Translate one buffer, splitting it where it crosses a memory-region boundary.
-    #[inline]
-    fn push_segs(&self, mut gpa: u64, len: u32, out: &mut SegList) -> Result<(), ChainError> {
-        out.total = out.total.checked_add(len).ok_or(ChainError::BadAddress)?;
-        let mut left = len as u64;
-        while left > 0 {
-            let (ptr, n) = self
-                .mem
-                .gpa_to_host_partial(gpa, left)
-                .ok_or(ChainError::BadAddress)?;
-            let slot = out.segs.get_mut(out.n).ok_or(ChainError::TooLong)?;
-            *slot = Seg { ptr, len: n as u32 };
-            out.n += 1;
-            left -= n;
-            gpa = gpa.checked_add(n).ok_or(ChainError::BadAddress)?;
-        }
-        Ok(())
-    }
-
     /// Record a completed chain. Visible to the guest only after `flush`: entries collect in a
     /// shadow and are written into the guest's used ring together, so their cache-line
     /// transfers overlap instead of interleaving with the frame copies (as DPDK's vhost does).
     #[inline]
-    pub fn push_used(&mut self, head: u16, len: u32) {
+    fn push_used(&mut self, head: u16, len: u32) {
         if self.shadow_n == SHADOW_USED {
             self.write_shadow();
         }
@@ -444,27 +436,16 @@ impl SplitRing {
         self.used_idx = self.used_idx.wrapping_add(1);
     }
 
+    /// Consume `n` chains: they must each get a used entry (`push_used`) in this burst.
     #[inline]
-    fn write_shadow(&mut self) {
-        let first = self.used_idx.wrapping_sub(self.shadow_n as u16);
-        for (i, &(id, len)) in self.shadow_used[..self.shadow_n].iter().enumerate() {
-            let slot = (first.wrapping_add(i as u16) & self.mask) as usize;
-            // SAFETY: slot < size, and used.ring[slot] lies at 4 + 8*slot within the checked
-            // 6 + 8*size bytes; 4-aligned. Plain volatile stores: ordered by the release in
-            // `flush`.
-            unsafe {
-                let elem = self.used.add(4 + 8 * slot) as *mut u32;
-                std::ptr::write_volatile(elem, id);
-                std::ptr::write_volatile(elem.add(1), len);
-            }
-        }
-        self.shadow_n = 0;
+    fn advance(&mut self, n: u16) {
+        self.last_avail_idx = self.last_avail_idx.wrapping_add(n);
     }
 
     /// Publish the used entries of this burst with one release store of `used.idx` (paired with
     /// the guest's read barrier after it loads `used.idx`), and notify the guest if it asked.
     #[inline]
-    pub fn flush(&mut self) {
+    fn flush(&mut self) {
         self.avail_reloaded = false;
         if self.used_idx == self.published_used {
             return;
@@ -491,23 +472,30 @@ impl SplitRing {
         }
     }
 
+    /// Log the first `len` bytes of a chain's buffers, written by the switch.
     #[inline]
-    fn notify(&mut self) {
-        if let Some(call) = &mut self.call {
-            // The one system call a PMD makes: an eventfd write when the guest asked for it.
-            // A full counter (EAGAIN) still wakes the guest, so the result is not needed.
-            let _ = call.write(&1u64.to_ne_bytes());
-            self.stats.add(&self.stats.guest_notifications, 1);
+    fn log_written(&self, chain: &SegList, mut len: u32) {
+        let Some(l) = &self.log else {
+            return;
+        };
+        for seg in chain.segs() {
+            if len == 0 {
+                break;
+            }
+            let n = seg.len.min(len);
+            l.log.mark_host(&self.mem, seg.ptr, n as u64);
+            len -= n;
         }
     }
 
-    /// Used index not yet published (for tests and for handing the ring back).
-    pub fn used_idx(&self) -> u16 {
-        self.used_idx
+    #[inline]
+    fn is_broken(&self) -> bool {
+        self.broken
     }
 
-    pub fn mem(&self) -> &Arc<MemTable> {
-        &self.mem
+    #[inline]
+    fn stats(&self) -> &QueueStats {
+        &self.stats
     }
 }
 
