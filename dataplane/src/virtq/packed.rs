@@ -63,6 +63,14 @@ pub struct PackedRing {
     scan_wrap: bool,
     /// Chains given back (`push_used`) since the last `advance`: they are the first ones pending.
     pushed: usize,
+    /// Given back but not yet written into the ring: written together at `flush`, so their
+    /// cache-line transfers overlap instead of interleaving with the frame copies.
+    shadow: [(Pending, u32); PENDING_MAX],
+    shadow_n: usize,
+    /// `scan` found the next position not available since the last flush: RX delivery does not
+    /// read the driver's line again until then (as the split ring reloads `avail.idx` at most
+    /// once per burst); `avail_pending` always looks.
+    scan_dry: bool,
     /// Next used position and wrap counter, and where they were at the last notification.
     used_pos: u16,
     used_wrap: bool,
@@ -125,6 +133,9 @@ impl PackedRing {
             scan_pos: pos,
             scan_wrap: wrap,
             pushed: 0,
+            shadow: [(Pending::default(), 0); PENDING_MAX],
+            shadow_n: 0,
+            scan_dry: false,
             used_pos: pos,
             used_wrap: wrap,
             signalled_pos: pos,
@@ -196,15 +207,21 @@ impl PackedRing {
         }
     }
 
-    /// Look for more available chains until `want` are pending (or the ring has no more).
+    /// Look for more available chains until `want` are pending, or the ring has no more: then
+    /// not again before the next flush.
     #[inline]
     fn scan(&mut self, want: usize) {
-        let want = want.min(PENDING_MAX);
+        if self.n_pending >= want || self.scan_dry {
+            return;
+        }
+        // A burst's worth at least: descriptors come four to a cache line.
+        let want = want.clamp(crate::BURST, PENDING_MAX);
         while self.n_pending < want && !self.broken {
             let (pos, wrap) = (self.scan_pos, self.scan_wrap);
             // Acquire: the chain's descriptors, written before the head's flags, are visible.
             let flags = self.flags_atomic(pos).load(Ordering::Acquire);
             if (flags & F_AVAIL != 0) != wrap || (flags & F_USED != 0) == wrap {
+                self.scan_dry = true;
                 return;
             }
             // The chain: consecutive descriptors while NEXT is set (an indirect one alone).
@@ -261,7 +278,7 @@ impl PackedRing {
     /// Write the used descriptor of the chain at `p` (flags last, with release: the driver
     /// reads id and len after it sees the flags flip).
     #[inline]
-    fn write_used(&mut self, p: Pending, len: u32) {
+    fn write_used(&self, p: Pending, len: u32) {
         // SAFETY: p.pos < size (positions come from `scan`), inside the checked descriptor ring.
         unsafe {
             let d = self.desc.add(p.pos as usize);
@@ -273,8 +290,16 @@ impl PackedRing {
             flags |= VIRTQ_DESC_F_WRITE;
         }
         self.flags_atomic(p.pos).store(flags, Ordering::Release);
-        (self.used_pos, self.used_wrap) = self.next(p.pos, p.wrap, p.ndesc);
-        self.dirty = true;
+    }
+
+    /// Write the shadowed used descriptors, in ring order.
+    #[inline]
+    fn write_shadow(&mut self) {
+        for i in 0..self.shadow_n {
+            let (p, len) = self.shadow[i];
+            self.write_used(p, len);
+        }
+        self.shadow_n = 0;
     }
 
     #[inline]
@@ -289,6 +314,7 @@ impl PackedRing {
 impl VirtQueue for PackedRing {
     #[inline]
     fn avail_pending(&mut self) -> u16 {
+        self.scan_dry = false;
         self.scan(crate::BURST);
         self.n_pending as u16
     }
@@ -395,7 +421,13 @@ impl VirtQueue for PackedRing {
         let p = self.pending_at(self.pushed as u16);
         debug_assert_eq!(p.pos, head);
         self.pushed += 1;
-        self.write_used(p, len);
+        if self.shadow_n == PENDING_MAX {
+            self.write_shadow();
+        }
+        self.shadow[self.shadow_n] = (p, len);
+        self.shadow_n += 1;
+        (self.used_pos, self.used_wrap) = self.next(p.pos, p.wrap, p.ndesc);
+        self.dirty = true;
     }
 
     #[inline]
@@ -409,10 +441,12 @@ impl VirtQueue for PackedRing {
     /// Notify the driver if it asked to hear about what was given back since the last flush.
     #[inline]
     fn flush(&mut self) {
+        self.scan_dry = false;
         if !self.dirty {
             return;
         }
         self.dirty = false;
+        self.write_shadow();
         if self.log.is_some() {
             self.log_ring();
         }
@@ -525,6 +559,8 @@ mod tests {
         // Size 4, starting at position 2 with wrap counter 1 (bit 15 of the base).
         let mut r = ring(&g, 4, 2 | 0x8000);
         assert_eq!(r.avail_pending(), 0);
+        // Nothing there: the driver's line is not read again before the burst ends.
+        r.flush();
         // Chain id 7: positions 2 and 3. Chain id 9: position 0, after the wrap (counter 0).
         post(&g, 2, 0x10_0000, 100, 0, VIRTQ_DESC_F_NEXT, true);
         post(&g, 3, 0x10_1000, 50, 7, 0, true);
@@ -543,6 +579,11 @@ mod tests {
         r.push_used(2, 0);
         r.push_used(0, 0);
         r.advance(2);
+        assert_eq!(
+            used(&g, 2).2 & F_USED,
+            0,
+            "given back at the flush, not before"
+        );
         r.flush();
         // Used descriptors over each chain's first one, with its buffer id and the wrap
         // counter of that position in both bits.
@@ -552,6 +593,7 @@ mod tests {
         // A used descriptor is not taken again, nor is one of the previous lap.
         assert_eq!(r.avail_pending(), 0);
         post(&g, 1, 0x10_3000, 10, 3, VIRTQ_DESC_F_WRITE, true);
+        r.flush();
         assert_eq!(r.avail_pending(), 0);
     }
 
@@ -582,6 +624,7 @@ mod tests {
         r.push_used(0, 1500);
         r.push_used(1, 0);
         r.advance(2);
+        r.flush();
         assert_eq!(
             used(&g, 0),
             (4, 1500, F_AVAIL | F_USED | VIRTQ_DESC_F_WRITE)
