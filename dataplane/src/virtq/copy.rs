@@ -73,26 +73,16 @@ pub fn gather(src: &SegList, mut skip: u32, out: &mut [u8]) -> usize {
 
 /// The ones'-complement sum (RFC 1071) of the chain's bytes `from..from + len`, folded to 16 bits
 /// (not inverted): what Internet checksums are made of. Bytes past the chain's end count as absent.
-pub fn csum(src: &SegList, mut from: u32, mut len: u32) -> u16 {
+pub fn csum(src: &SegList, from: u32, len: u32) -> u16 {
     let mut sum = 0u64;
     // Whether the bytes summed so far are odd in number: the next piece's words are then
     // shifted by one byte, which swaps the bytes of its sum.
     let mut odd = false;
-    for seg in src.segs() {
-        if len == 0 {
-            break;
-        }
-        if from >= seg.len {
-            from -= seg.len;
-            continue;
-        }
-        let n = (seg.len - from).min(len);
-        // SAFETY: from + n <= seg.len, a segment bounds-checked when it was made.
-        let s = fold(unsafe { sum_be32(seg.ptr.add(from as usize), n as usize) });
+    for piece in src.pieces(from, len) {
+        // SAFETY: a piece lies inside a segment, bounds-checked when it was made.
+        let s = fold(unsafe { sum_be32(piece.ptr, piece.len as usize) });
         sum += if odd { s.swap_bytes() } else { s } as u64;
-        odd ^= n % 2 == 1;
-        len -= n;
-        from = 0;
+        odd ^= piece.len % 2 == 1;
     }
     fold(sum)
 }

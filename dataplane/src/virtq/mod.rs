@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::guest_mem::MemTable;
+use crate::guest_mem::{DirtyLog, MemTable};
 use crate::stats::QueueStats;
 
 pub mod copy;
@@ -104,6 +104,25 @@ impl From<PackedRing> for Virtq {
     }
 }
 
+/// Log (dirty-page log, while migrating) the first `len` bytes of a chain the switch wrote.
+#[inline]
+pub(crate) fn log_chain(log: &DirtyLog, mem: &MemTable, chain: &SegList, len: u32) {
+    for piece in chain.pieces(0, len) {
+        log.mark_host(mem, piece.ptr, piece.len as u64);
+    }
+}
+
+/// Wake the driver: an eventfd write (the one system call a PMD makes, when the guest asked for
+/// it). A full counter (EAGAIN) still wakes the guest, so the result is not needed.
+#[inline]
+pub(crate) fn notify(call: &mut Option<std::fs::File>, stats: &QueueStats) {
+    use std::io::Write;
+    if let Some(call) = call {
+        let _ = call.write(&1u64.to_ne_bytes());
+        stats.add(&stats.guest_notifications, 1);
+    }
+}
+
 /// Translate one guest buffer into `out`, split where it crosses a memory-region boundary.
 #[inline]
 pub(crate) fn push_segs(
@@ -194,29 +213,39 @@ impl SegList {
         true
     }
 
-    /// Append the pieces of `src` that hold its bytes `from..from + len` (a frame assembled
-    /// from parts of another, without copying); false if they do not all fit.
-    pub fn push_range(&mut self, src: &SegList, mut from: u32, mut len: u32) -> bool {
-        for seg in src.segs() {
+    /// The pieces of the list's buffers that hold its bytes `from..from + len` (fewer bytes if
+    /// the list is shorter).
+    pub fn pieces(&self, mut from: u32, mut len: u32) -> impl Iterator<Item = Seg> + '_ {
+        self.segs().iter().filter_map(move |seg| {
             if len == 0 {
-                break;
+                return None;
             }
             if from >= seg.len {
                 from -= seg.len;
-                continue;
+                return None;
             }
             let n = (seg.len - from).min(len);
             let piece = Seg {
                 ptr: seg.ptr.wrapping_add(from as usize),
                 len: n,
             };
+            len -= n;
+            from = 0;
+            Some(piece)
+        })
+    }
+
+    /// Append the pieces of `src` that hold its bytes `from..from + len` (a frame assembled
+    /// from parts of another, without copying); false if they do not all fit.
+    pub fn push_range(&mut self, src: &SegList, from: u32, len: u32) -> bool {
+        let mut got = 0;
+        for piece in src.pieces(from, len) {
             if !self.push(piece) {
                 return false;
             }
-            len -= n;
-            from = 0;
+            got += piece.len;
         }
-        len == 0
+        got == len
     }
 
     /// A list over the given buffers (tests).

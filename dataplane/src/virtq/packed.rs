@@ -6,7 +6,6 @@
 //! on control, used by one PMD at a time, every guest-written value checked after it is read.
 
 use std::fs::File;
-use std::io::Write;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::sync::Arc;
 
@@ -304,10 +303,7 @@ impl PackedRing {
 
     #[inline]
     fn notify(&mut self) {
-        if let Some(call) = &mut self.call {
-            let _ = call.write(&1u64.to_ne_bytes());
-            self.stats.add(&self.stats.guest_notifications, 1);
-        }
+        notify(&mut self.call, &self.stats);
     }
 }
 
@@ -486,17 +482,9 @@ impl VirtQueue for PackedRing {
     }
 
     #[inline]
-    fn log_written(&self, chain: &SegList, mut len: u32) {
-        let Some(log) = &self.log else {
-            return;
-        };
-        for seg in chain.segs() {
-            if len == 0 {
-                break;
-            }
-            let n = seg.len.min(len);
-            log.mark_host(&self.mem, seg.ptr, n as u64);
-            len -= n;
+    fn log_written(&self, chain: &SegList, len: u32) {
+        if let Some(log) = &self.log {
+            log_chain(log, &self.mem, chain, len);
         }
     }
 

@@ -4,7 +4,6 @@
 //! the guest may change them at any time, so every value is validated after it is read.
 
 use std::fs::File;
-use std::io::Write;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::sync::Arc;
 
@@ -277,12 +276,7 @@ impl SplitRing {
 
     #[inline]
     fn notify(&mut self) {
-        if let Some(call) = &mut self.call {
-            // The one system call a PMD makes: an eventfd write when the guest asked for it.
-            // A full counter (EAGAIN) still wakes the guest, so the result is not needed.
-            let _ = call.write(&1u64.to_ne_bytes());
-            self.stats.add(&self.stats.guest_notifications, 1);
-        }
+        notify(&mut self.call, &self.stats);
     }
 
     /// Used index not yet published (for tests and for handing the ring back).
@@ -474,17 +468,9 @@ impl VirtQueue for SplitRing {
 
     /// Log the first `len` bytes of a chain's buffers, written by the switch.
     #[inline]
-    fn log_written(&self, chain: &SegList, mut len: u32) {
-        let Some(l) = &self.log else {
-            return;
-        };
-        for seg in chain.segs() {
-            if len == 0 {
-                break;
-            }
-            let n = seg.len.min(len);
-            l.log.mark_host(&self.mem, seg.ptr, n as u64);
-            len -= n;
+    fn log_written(&self, chain: &SegList, len: u32) {
+        if let Some(l) = &self.log {
+            log_chain(&l.log, &self.mem, chain, len);
         }
     }
 
