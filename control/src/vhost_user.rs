@@ -349,7 +349,9 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
         let name = self.name.clone();
-        if num == 0 || num > 32768 || !num.is_power_of_two() {
+        // Split rings are powers of two; packed rings may have any size.
+        let packed = self.features & VIRTIO_F_RING_PACKED != 0;
+        if num == 0 || num > 32768 || !(packed || num.is_power_of_two()) {
             return Err(req_err(format!(
                 "port {name}: vring {index}: bad size {num}"
             )));
@@ -575,6 +577,18 @@ mod tests {
     fn refused<T: std::fmt::Debug>(r: VuResult<T>, what: &str) {
         let e = r.expect_err(what).to_string();
         assert!(e.contains("port vm-test"), "{what}: {e}");
+    }
+
+    #[test]
+    fn packed_rings_take_any_size_and_a_base_with_wrap_counters() {
+        let mut d = test_device("vm-test");
+        d.set_features(OFFERED_FEATURES & !VHOST_USER_F_PROTOCOL_FEATURES)
+            .unwrap();
+        d.set_vring_num(0, 100).unwrap();
+        refused(d.set_vring_num(0, 40000), "size beyond 32768");
+        // Next available position 5 with wrap counter 1, the used one the same (QEMU's form).
+        d.set_vring_base(0, 0x8005_8005).unwrap();
+        assert_eq!({ d.get_vring_base(0).unwrap().num }, 0x8005_8005);
     }
 
     #[test]

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// One QEMU guest on CPU 0 (TCG: the development rig's nested KVM starts no guest), its serial
-/// console a unix socket: what it prints is collected (and kept in `NAME.console`), commands
-/// are written to it. Its monitor is the unix socket `NAME.monitor`.
+/// One QEMU guest on CPU 0, its serial console a unix socket: what it prints is collected (and
+/// kept in `NAME.console`), commands are written to it. Its monitor is the unix socket
+/// `NAME.monitor`.
 struct Guest {
     name: String,
     child: Child,
@@ -29,6 +29,12 @@ struct Guest {
     /// How far `run` has read `out`, and how many commands it ran.
     seen: usize,
     runs: u32,
+}
+
+/// QEMU's accelerator: `RS_GUEST_ACCEL` (e.g. `kvm`), else TCG, which works everywhere (on the
+/// development rig, nested KVM starts no guest at all).
+fn accel() -> String {
+    std::env::var("RS_GUEST_ACCEL").unwrap_or_else(|_| "tcg".into())
 }
 
 /// How a guest's NIC is set up: virtio-net-pci properties and the queue pairs its driver uses.
@@ -71,7 +77,7 @@ impl Guest {
         }
         let child = Command::new("timeout")
             .args(["240", "taskset", "-c", "0", "qemu-system-x86_64"])
-            .args(["-accel", "tcg", "-m", "256", "-smp", "1", "-no-reboot"])
+            .args(["-accel", &accel(), "-m", "256", "-smp", "1", "-no-reboot"])
             .arg("-kernel")
             .arg(image.join("vmlinuz"))
             .arg("-initrd")
