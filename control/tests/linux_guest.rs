@@ -147,11 +147,14 @@ impl Guest {
         self.out.lock().unwrap().clone()
     }
 
-    /// The console line starting with `marker`, once the guest has printed it.
+    /// The console line starting with `marker`, once the guest has printed all of it.
     fn wait_line(&self, marker: &str, timeout: Duration) -> String {
         let t = Instant::now();
         loop {
-            if let Some(l) = self.console().lines().find(|l| l.starts_with(marker)) {
+            // Only whole lines: the reader may have appended half of one.
+            let out = self.console();
+            let whole = &out[..out.rfind('\n').map_or(0, |i| i + 1)];
+            if let Some(l) = whole.lines().find(|l| l.starts_with(marker)) {
                 return l.trim().to_string();
             }
             assert!(
