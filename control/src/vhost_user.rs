@@ -51,10 +51,10 @@ pub const OFFLOAD_FEATURES: u64 = VIRTIO_NET_F_CSUM
     | VIRTIO_NET_F_HOST_ECN;
 
 /// Everything the switch can do for a guest today. Split or packed rings; IN_ORDER costs
-/// nothing, as chains are always given back in the order they were taken. For live
-/// migration: LOG_ALL (dirty-page logging), and
-/// GUEST_ANNOUNCE, with which the guest itself sends gratuitous ARPs once migrated (QEMU
-/// handles the control queue that asks it to), so the switch learns its MAC on the new port.
+/// nothing, as chains are always given back in the order they were taken. For live migration:
+/// LOG_ALL (dirty-page logging), and GUEST_ANNOUNCE, with which the guest itself sends
+/// gratuitous ARPs once migrated (QEMU handles the control queue that asks it to), so the
+/// switch learns its MAC on the new port.
 pub const OFFERED_FEATURES: u64 = OFFLOAD_FEATURES
     | VHOST_F_LOG_ALL
     | VIRTIO_NET_F_GUEST_ANNOUNCE
@@ -125,9 +125,14 @@ impl VhostUserDevice {
         }
     }
 
+    /// Did the frontend ack this feature (any of these bits)?
+    fn has(&self, bits: u64) -> bool {
+        self.features & bits != 0
+    }
+
     fn net_features(&self) -> NetFeatures {
-        let long = self.features & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) != 0;
-        let has = |bit: u64| self.features & bit != 0;
+        let long = self.has(VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF);
+        let has = |bit: u64| self.has(bit);
         let rx_offloads = if has(VIRTIO_NET_F_GUEST_CSUM) {
             OffloadCaps::CSUM
                 .with(OffloadCaps::TSO4, has(VIRTIO_NET_F_GUEST_TSO4))
@@ -157,7 +162,7 @@ impl VhostUserDevice {
     /// Start the ring if everything it needs is present, else leave it stopped.
     fn try_start(&mut self, index: usize) -> VuResult<()> {
         let features = self.net_features();
-        let event_idx = self.features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let event_idx = self.has(VIRTIO_RING_F_EVENT_IDX);
         let v = &self.vrings[index];
         let (Some(mem), Some(addrs), Some(_)) = (&self.mem, v.addrs, &v.kick) else {
             return Ok(());
@@ -170,26 +175,18 @@ impl VhostUserDevice {
             None => None,
         };
         let stats = self.stats[index].clone();
-        let log = self
-            .log
-            .clone()
-            .filter(|_| self.features & VHOST_F_LOG_ALL != 0);
-        let ring: Virtq = if self.features & VIRTIO_F_RING_PACKED != 0 {
+        let ring: Virtq = if self.has(VIRTIO_F_RING_PACKED) {
             PackedRing::new(mem.clone(), v.size, addrs, v.base, event_idx, call, stats)
-                .map(|r| match log {
-                    Some(log) => r.with_log(log),
-                    None => r,
-                })
                 .map(Virtq::from)
         } else {
             SplitRing::new(mem.clone(), v.size, addrs, v.base, event_idx, call, stats)
-                .map(|r| match log {
-                    Some(log) => r.with_log(log, v.log_addr),
-                    None => r,
-                })
                 .map(Virtq::from)
         }
         .map_err(|e| req_err(format!("port {}: vring {index}: {e}", self.name)))?;
+        let ring = match &self.log {
+            Some(log) if self.has(VHOST_F_LOG_ALL) => ring.with_log(log.clone(), v.log_addr),
+            _ => ring,
+        };
         let q = QueueIdx(index as u16);
         // Anything it replaced is dropped here, on control, after the PMD let go of it.
         drop(self.pmd_set(q, features, Some(Box::new(ring)))?);
@@ -350,7 +347,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
         let name = self.name.clone();
         // Split rings are powers of two; packed rings may have any size.
-        let packed = self.features & VIRTIO_F_RING_PACKED != 0;
+        let packed = self.has(VIRTIO_F_RING_PACKED);
         if num == 0 || num > 32768 || !(packed || num.is_power_of_two()) {
             return Err(req_err(format!(
                 "port {name}: vring {index}: bad size {num}"
@@ -396,7 +393,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
         let name = self.name.clone();
-        let packed = self.features & VIRTIO_F_RING_PACKED != 0;
+        let packed = self.has(VIRTIO_F_RING_PACKED);
         let v = self.vring(index)?;
         if v.running {
             return Err(req_err(format!(
@@ -418,10 +415,11 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
         self.vring(index)?;
         // The reply waits until the PMD has handed the ring back (the quiescent point).
         self.stop(index as usize)?;
+        let packed = self.has(VIRTIO_F_RING_PACKED);
         let v = &mut self.vrings[index as usize];
         // A stopped ring needs a new kick fd before it runs again (as in DPDK's vhost).
         v.kick = None;
-        let base = match self.features & VIRTIO_F_RING_PACKED != 0 {
+        let base = match packed {
             // Used position = available position (see `set_vring_base`).
             true => v.base as u32 | (v.base as u32) << 16,
             false => v.base as u32,

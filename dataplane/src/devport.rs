@@ -117,11 +117,7 @@ impl TapPortRt {
     #[inline]
     pub fn deliver(&mut self, f: &Frame) -> Delivery {
         let s = &self.to_port;
-        let n = self.queues.len();
-        let Some(q) = self
-            .queues
-            .get(if n > 1 { f.queue as usize % n } else { 0 })
-        else {
+        let Some(q) = self.queues.get(f.queue_among(self.queues.len())) else {
             return Delivery::NoQueue;
         };
         match tap::write_frame(q.fd(), f) {

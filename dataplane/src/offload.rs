@@ -169,6 +169,19 @@ pub struct Frame<'a> {
     pub queue: u16,
 }
 
+impl Frame<'_> {
+    /// The destination queue, of `queues`, that takes this frame: the one numbered as the
+    /// queue it came from, modulo (a flow stays on one queue, and queues share the load).
+    #[inline]
+    pub fn queue_among(&self, queues: usize) -> usize {
+        if queues > 1 {
+            self.queue as usize % queues
+        } else {
+            0
+        }
+    }
+}
+
 /// Room for the frames the software path assembles, allocated once per PMD.
 pub struct SoftScratch {
     hdrs: [u8; MAX_HDRS],

@@ -516,17 +516,30 @@ impl Pmd {
         let len = self.src.total - hdr_len;
         let mut b = [0u8; VNET_HDR_LEN];
         gather(&self.src, 0, &mut b);
-        let Ok(vnet) = VnetHdr::parse(&b, len) else {
-            return (Verdict::BadOffload, len);
+        (self.forward_with_header(src, queue, &b, hdr_len, len), len)
+    }
+
+    /// Switch `self.src[skip..skip + len]` with the virtio-net header `hdr` its sender wrote
+    /// (a guest that negotiated CSUM, a tap); a header that does not fit the frame drops it.
+    fn forward_with_header(
+        &mut self,
+        src: PortId,
+        queue: u16,
+        hdr: &[u8; VNET_HDR_LEN],
+        skip: u32,
+        len: u32,
+    ) -> Verdict {
+        let Ok(vnet) = VnetHdr::parse(hdr, len) else {
+            return Verdict::BadOffload;
         };
         let f = Frame {
             segs: &self.src,
-            skip: hdr_len,
+            skip,
             len,
             vnet,
             queue,
         };
-        (self.fabric.forward(src, &f), len)
+        self.fabric.forward(src, &f)
     }
 
     /// Take up to BURST frames from one RX queue of a DPDK port and switch them.
@@ -583,21 +596,9 @@ impl Pmd {
                 ptr: self.tap_buf.as_mut_ptr(),
                 len,
             });
-            let mut b = [0u8; VNET_HDR_LEN];
-            b.copy_from_slice(&self.tap_hdr[..VNET_HDR_LEN]);
-            let v = match VnetHdr::parse(&b, len) {
-                Ok(vnet) => {
-                    let f = Frame {
-                        segs: &self.src,
-                        skip: 0,
-                        len,
-                        vnet,
-                        queue: q as u16,
-                    };
-                    self.fabric.forward(src, &f)
-                }
-                Err(_) => Verdict::BadOffload,
-            };
+            let mut hdr = [0u8; VNET_HDR_LEN];
+            hdr.copy_from_slice(&self.tap_hdr[..VNET_HDR_LEN]);
+            let v = self.forward_with_header(src, q as u16, &hdr, 0, len);
             tally.count(v, len);
         }
         if let Some(PortRt::Tap(p)) = self.fabric.port_mut(src) {

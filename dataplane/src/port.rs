@@ -239,13 +239,7 @@ impl Default for RxScratch {
 #[inline]
 pub fn deliver(port: &mut VhostPortRt, f: &Frame, scratch: &mut RxScratch) -> Delivery {
     let features = port.features;
-    let queues = port.rx.len();
-    let first = if queues > 1 {
-        f.queue as usize % queues
-    } else {
-        0
-    };
-    let (before, from) = port.rx.split_at_mut(first);
+    let (before, from) = port.rx.split_at_mut(f.queue_among(port.rx.len()));
     let Some(ring) = from
         .iter_mut()
         .chain(before.iter_mut())

@@ -213,24 +213,16 @@ pub fn write_frame(fd: RawFd, f: &Frame) -> TapIo {
     };
     let mut n = 1;
     let mut len = 0u32;
-    let mut skip = f.skip;
-    for seg in f.segs.segs() {
-        if skip >= seg.len {
-            skip -= seg.len;
-            continue;
-        }
-        // SAFETY: skip < seg.len, so the pointer stays inside the checked segment.
-        let base = unsafe { seg.ptr.add(skip as usize) };
+    for piece in f.segs.pieces(f.skip, f.len) {
         iov[n] = libc::iovec {
-            iov_base: base.cast(),
-            iov_len: (seg.len - skip) as usize,
+            iov_base: piece.ptr.cast(),
+            iov_len: piece.len as usize,
         };
-        len += seg.len - skip;
-        skip = 0;
+        len += piece.len;
         n += 1;
     }
-    // SAFETY: every iovec points into readable memory: the header, or segments that were
-    // bounds-checked against mapped guest memory (or an mbuf we own) for their full length.
+    // SAFETY: every iovec points into readable memory: the header, or pieces of segments that
+    // were bounds-checked against mapped guest memory (or an mbuf we own) for their full length.
     let r = unsafe { libc::writev(fd, iov.as_ptr(), n as libc::c_int) };
     match r {
         r if r >= 0 => TapIo::Done(len),

@@ -76,6 +76,15 @@ impl Virtq {
         }
     }
 
+    /// Log every page the ring writes from now on (runs on control, before the PMD has it).
+    /// `used_gpa`: the frontend's `log_guest_addr` for a split ring's used ring.
+    pub fn with_log(self, log: Arc<DirtyLog>, used_gpa: Option<u64>) -> Virtq {
+        match self {
+            Virtq::Split(r) => Virtq::Split(r.with_log(log, used_gpa)),
+            Virtq::Packed(r) => Virtq::Packed(r.with_log(log)),
+        }
+    }
+
     /// Where the driver should resume: SET_VRING_BASE's value for a new ring (for packed rings
     /// the wrap counter is bit 15).
     pub fn base(&self) -> u16 {
@@ -102,6 +111,24 @@ impl From<PackedRing> for Virtq {
     fn from(r: PackedRing) -> Self {
         Virtq::Packed(r)
     }
+}
+
+/// Host address of byte `offset` of the guest buffer at `addr` (`len` bytes), and how many bytes
+/// from there a prefetch may touch: at most 128, as only the first lines are prefetched and only
+/// they need to be mapped. None past the buffer's end or outside guest memory.
+#[inline]
+pub(crate) fn prefetch_span(
+    mem: &MemTable,
+    addr: u64,
+    len: u32,
+    offset: u32,
+) -> Option<(*mut u8, u32)> {
+    if offset >= len {
+        return None;
+    }
+    let span = (len - offset).min(128);
+    let p = mem.gpa_to_host(addr.wrapping_add(offset as u64), span as u64)?;
+    Some((p, span))
 }
 
 /// Log (dirty-page log, while migrating) the first `len` bytes of a chain the switch wrote.

@@ -264,14 +264,10 @@ impl PackedRing {
             return None;
         }
         let d = self.read_desc(self.desc, head);
-        if d.flags & VIRTQ_DESC_F_INDIRECT != 0 || offset >= d.len {
+        if d.flags & VIRTQ_DESC_F_INDIRECT != 0 {
             return None;
         }
-        let span = (d.len - offset).min(128);
-        let p = self
-            .mem
-            .gpa_to_host(d.addr.wrapping_add(offset as u64), span as u64)?;
-        Some((p, span))
+        prefetch_span(&self.mem, d.addr, d.len, offset)
     }
 
     /// Write the used descriptor of the chain at `p` (flags last, with release: the driver

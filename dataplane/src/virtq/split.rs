@@ -239,15 +239,10 @@ impl SplitRing {
             offset -= d.len;
             d = self.read_desc(self.desc, d.next);
         }
-        if d.flags & VIRTQ_DESC_F_INDIRECT != 0 || offset >= d.len {
+        if d.flags & VIRTQ_DESC_F_INDIRECT != 0 {
             return None;
         }
-        // Only the first lines are prefetched: only they need to be mapped.
-        let span = (d.len - offset).min(128);
-        let p = self
-            .mem
-            .gpa_to_host(d.addr.wrapping_add(offset as u64), span as u64)?;
-        Some((p, span))
+        prefetch_span(&self.mem, d.addr, d.len, offset)
     }
 
     #[inline]
