@@ -4,7 +4,9 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use dataplane::sched::{Assign, AutoLb};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +56,26 @@ struct DataplaneSection {
     ports_dir: Option<PathBuf>,
     /// DPDK EAL arguments, used only if a `dpdk` port exists. Default: DEFAULT_EAL_ARGS.
     eal_args: Option<Vec<String>>,
+    /// How rx queues not pinned are spread over the PMDs.
+    #[serde(default)]
+    rxq_assign: RxqAssign,
+    /// Auto-rebalance (as OVS's pmd-auto-lb), off by default.
+    #[serde(default)]
+    auto_lb: bool,
+    /// Busy percent of the busiest PMD above which a rebalance is considered.
+    auto_lb_load_threshold: Option<u32>,
+    /// Percent by which a rebalance must lower the busiest PMD's load.
+    auto_lb_improvement: Option<u32>,
+    /// Seconds between rebalances, at most one per interval.
+    auto_lb_interval: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, Default)]
+#[serde(rename_all = "lowercase")]
+enum RxqAssign {
+    #[default]
+    Roundrobin,
+    Cycles,
 }
 
 /// No hugepage files or shared config left behind, and a runtime directory of our own.
@@ -86,6 +108,9 @@ struct PortSection {
     tx_descriptors: Option<u16>,
     // tap
     ifname: Option<String>,
+    /// Per rx queue, the PMD core that polls it (OVS's pmd-rxq-affinity); that PMD then
+    /// polls no queue that is not pinned to it.
+    pmd_rxq_affinity: Option<Vec<usize>>,
 }
 
 /// Who may connect to a socket ringswitch creates.
@@ -181,6 +206,8 @@ pub enum VhostMode {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub pmd_cores: Vec<usize>,
+    pub rxq_assign: Assign,
+    pub auto_lb: Option<AutoLb>,
     pub control_socket: PathBuf,
     pub eal_args: Vec<String>,
     pub ports: Vec<PortConfig>,
@@ -191,6 +218,8 @@ pub struct PortConfig {
     pub name: String,
     /// Queue pairs (vhost-user), RX and TX queues (dpdk), queues (tap).
     pub queues: u16,
+    /// The core each rx queue is pinned to, by queue number (may be shorter than `queues`).
+    pub rxq_affinity: Vec<usize>,
     pub kind: PortKind,
     /// The file it came from, for error messages.
     pub file: PathBuf,
@@ -273,17 +302,49 @@ fn validate(
             ),
         ));
     }
-    if dp.pmd_cores.len() > 1 {
+    if let Some(c) = dp
+        .pmd_cores
+        .iter()
+        .enumerate()
+        .find_map(|(i, c)| dp.pmd_cores[..i].contains(c).then_some(c))
+    {
         return Err(invalid(
             main_file,
             "dataplane.pmd_cores",
-            "only one PMD core is supported so far (rx-queue scheduling over several PMDs is not built yet)".into(),
+            format!("core {c} is listed twice"),
         ));
     }
+    let percent = |key: &str, v: Option<u32>, default: u32| match v {
+        Some(n) if !(1..=100).contains(&n) => Err(invalid(
+            main_file,
+            key,
+            format!("{n}: must be a percentage, 1..=100"),
+        )),
+        v => Ok(v.unwrap_or(default)),
+    };
+    let lb = AutoLb {
+        load_threshold: percent(
+            "dataplane.auto_lb_load_threshold",
+            dp.auto_lb_load_threshold,
+            95,
+        )?,
+        improvement: percent("dataplane.auto_lb_improvement", dp.auto_lb_improvement, 25)?,
+        interval: Duration::from_secs(match dp.auto_lb_interval {
+            Some(0) => {
+                return Err(invalid(
+                    main_file,
+                    "dataplane.auto_lb_interval",
+                    "must be at least 1 (seconds)".into(),
+                ))
+            }
+            v => v.unwrap_or(60),
+        }),
+    };
     let mut set = PortSet::default();
     let mut out = Vec::new();
     for (p, file) in ports {
         let pc = validate_port(p, file)?;
+        check_affinity(&pc, &dp.pmd_cores)?;
         set.insert(&pc)?;
         out.push(pc);
     }
@@ -295,6 +356,11 @@ fn validate(
         ));
     }
     Ok(Config {
+        rxq_assign: match dp.rxq_assign {
+            RxqAssign::Roundrobin => Assign::RoundRobin,
+            RxqAssign::Cycles => Assign::Cycles,
+        },
+        auto_lb: dp.auto_lb.then_some(lb),
         pmd_cores: dp.pmd_cores,
         control_socket: dp.control_socket,
         eal_args: dp
@@ -302,6 +368,18 @@ fn validate(
             .unwrap_or_else(|| DEFAULT_EAL_ARGS.iter().map(|a| a.to_string()).collect()),
         ports: out,
     })
+}
+
+/// Every core a port pins a queue to must run a PMD.
+pub fn check_affinity(pc: &PortConfig, pmd_cores: &[usize]) -> Result<(), ConfigError> {
+    match pc.rxq_affinity.iter().find(|c| !pmd_cores.contains(c)) {
+        Some(c) => Err(ConfigError::invalid(
+            &pc.file,
+            "pmd_rxq_affinity",
+            format!("core {c} runs no PMD (pmd_cores = {pmd_cores:?})"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Read and validate one port file (`ringswitch ctl add-port`).
@@ -406,9 +484,22 @@ fn validate_port(p: PortSection, file: PathBuf) -> Result<PortConfig, ConfigErro
             PortKind::Tap { ifname }
         }
     };
+    let rxq_affinity = p.pmd_rxq_affinity.unwrap_or_default();
+    if rxq_affinity.len() > p.queues as usize {
+        return Err(invalid(
+            &file,
+            "pmd_rxq_affinity",
+            format!(
+                "{} cores for {} queue(s): one core per queue at most",
+                rxq_affinity.len(),
+                p.queues
+            ),
+        ));
+    }
     Ok(PortConfig {
         name: p.name,
         queues: p.queues,
+        rxq_affinity,
         kind,
         file,
     })

@@ -1,6 +1,6 @@
 //! The control socket: a unix socket taking one-line commands (`stats`, `stats-json`,
-//! `add-port FILE`, `del-port NAME`) and the `ringswitch ctl` client for it. The server runs on
-//! its own control thread.
+//! `pmd-stats-show`, `pmd-rxq-show`, `rebalance`, `add-port FILE`, `del-port NAME`) and the
+//! `ringswitch ctl` client for it. The server runs on its own control thread.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context;
+use dataplane::sched::Assign;
 use dataplane::stats::QueueCounters;
 use serde_json::{json, Value};
 
@@ -50,8 +51,14 @@ fn answer(s: UnixStream, sw: &Switch) -> anyhow::Result<()> {
             format!("added the port of {arg}"),
         ),
         "del-port" => done(sw.del_port(arg), format!("removed port {arg}")),
+        "pmd-stats-show" => format_pmds(&stats_json(sw)),
+        "pmd-rxq-show" => format_rxqs(&stats_json(sw)),
+        "rebalance" => match rebalance(sw, arg) {
+            Ok(s) => s,
+            Err(e) => format!("error: {e:#}\n"),
+        },
         _ => format!(
-            "error: unknown command {line:?} (try: stats, stats-json, add-port FILE, del-port NAME)\n"
+            "error: unknown command {line:?} (try: stats, stats-json, pmd-stats-show, pmd-rxq-show, rebalance [roundrobin|cycles], add-port FILE, del-port NAME)\n"
         ),
     };
     (&s).write_all(reply.as_bytes())?;
@@ -75,17 +82,31 @@ fn queue_json(c: &QueueCounters) -> Value {
 /// guest's TX queues, a device's RX queues), `to_port` what it delivered into the port.
 pub fn stats_json(sw: &Switch) -> Value {
     let pmds: Vec<Value> = sw
-        .pmds
+        .dp
+        .pmd_show()
         .iter()
         .map(|p| {
-            let s = p.stats().snapshot();
+            let s = &p.counters;
             let total = (s.busy_cycles + s.idle_cycles).max(1);
             json!({
-                "core": p.core().0, "iterations": s.iterations, "packets": s.packets,
+                "core": p.core.0, "iterations": s.iterations, "packets": s.packets,
                 "busy_cycles": s.busy_cycles, "idle_cycles": s.idle_cycles,
                 "busy_pct": 100.0 * s.busy_cycles as f64 / total as f64,
+                "busy_pct_last": p.busy_pct,
                 "cycles_per_packet": s.busy_cycles as f64 / s.packets.max(1) as f64,
+                "rx_queues": p.rxqs, "isolated": p.isolated,
                 "tsc_hz": sw.tsc_hz,
+            })
+        })
+        .collect();
+    let rxqs: Vec<Value> = sw
+        .dp
+        .rxq_show()
+        .iter()
+        .map(|q| {
+            json!({
+                "core": q.core.0, "port": sw.port_name(q.port), "queue": q.queue,
+                "pinned": q.pinned, "running": q.running, "busy_pct": q.busy_pct,
             })
         })
         .collect();
@@ -135,7 +156,90 @@ pub fn stats_json(sw: &Switch) -> Value {
             })
             .collect()
     });
-    json!({ "pmds": pmds, "ports": ports })
+    json!({ "pmds": pmds, "rxqs": rxqs, "ports": ports })
+}
+
+/// `rebalance [roundrobin|cycles]`: reassign the queues now (by the configured policy unless
+/// one is named), with the loads of the last measurement window.
+fn rebalance(sw: &Switch, policy: &str) -> anyhow::Result<String> {
+    let policy = match policy {
+        "" => None,
+        "roundrobin" => Some(Assign::RoundRobin),
+        "cycles" => Some(Assign::Cycles),
+        p => anyhow::bail!("unknown policy {p:?} (roundrobin or cycles)"),
+    };
+    let moves = sw.dp.rebalance(policy)?;
+    let mut out = format!("ok: {} rx queue(s) moved\n", moves.len());
+    for m in moves {
+        out += &format!(
+            "  port {} queue {}: core {} -> core {}\n",
+            sw.port_name(m.port),
+            m.queue,
+            m.from.0,
+            m.to.0
+        );
+    }
+    Ok(out)
+}
+
+/// `pmd-stats-show`, as OVS prints it: per PMD, packets, cycles per packet, busy and idle.
+fn format_pmds(v: &Value) -> String {
+    let mut out = String::new();
+    let n = |x: &Value| x.as_u64().unwrap_or(0);
+    let f = |x: &Value| x.as_f64().unwrap_or(0.0);
+    for p in v["pmds"].as_array().into_iter().flatten() {
+        let hz = n(&p["tsc_hz"]).max(1) as f64;
+        out += &format!(
+            "pmd thread core {}{}:\n  rx queues: {}\n  packets: {}\n  busy cycles: {} ({:.2}%)\n  idle cycles: {} ({:.2}%)\n  avg cycles per packet: {:.1}\n  busy in the last second: {:.1}%\n  running for: {:.1} s\n",
+            p["core"],
+            if p["isolated"] == true { " (isolated)" } else { "" },
+            n(&p["rx_queues"]),
+            n(&p["packets"]),
+            n(&p["busy_cycles"]),
+            f(&p["busy_pct"]),
+            n(&p["idle_cycles"]),
+            100.0 - f(&p["busy_pct"]),
+            f(&p["cycles_per_packet"]),
+            f(&p["busy_pct_last"]),
+            (n(&p["busy_cycles"]) + n(&p["idle_cycles"])) as f64 / hz,
+        );
+    }
+    out
+}
+
+/// `pmd-rxq-show`, as OVS prints it: which PMD polls which queue, and its share of that PMD.
+fn format_rxqs(v: &Value) -> String {
+    let mut out = String::new();
+    for p in v["pmds"].as_array().into_iter().flatten() {
+        out += &format!(
+            "pmd thread core {}{}:\n  busy in the last second: {:.1}%\n",
+            p["core"],
+            if p["isolated"] == true {
+                " (isolated)"
+            } else {
+                ""
+            },
+            p["busy_pct_last"].as_f64().unwrap_or(0.0)
+        );
+        for q in v["rxqs"].as_array().into_iter().flatten() {
+            if q["core"] != p["core"] {
+                continue;
+            }
+            out += &format!(
+                "  port: {:<16} queue-id: {:>3} {}{} pmd usage: {:>5.1} %\n",
+                q["port"].as_str().unwrap_or("?"),
+                q["queue"],
+                if q["running"] == true {
+                    "(enabled) "
+                } else {
+                    "(disabled)"
+                },
+                if q["pinned"] == true { " (pinned)" } else { "" },
+                q["busy_pct"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    out
 }
 
 fn format_stats(v: &Value) -> String {

@@ -49,6 +49,13 @@ enum CtlCmd {
     AddPort { file: PathBuf },
     /// Stop and remove a port; the others keep running.
     DelPort { name: String },
+    /// Per PMD: packets, cycles per packet, busy and idle time.
+    PmdStatsShow,
+    /// Which PMD polls which rx queue, and how busy each keeps it.
+    PmdRxqShow,
+    /// Reassign the rx queues to the PMDs now, by the configured policy or the one named
+    /// (roundrobin or cycles).
+    Rebalance { policy: Option<String> },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,6 +74,11 @@ fn main() -> anyhow::Result<()> {
                         .display()
                 ),
                 CtlCmd::DelPort { name } => format!("del-port {name}"),
+                CtlCmd::PmdStatsShow => "pmd-stats-show".into(),
+                CtlCmd::PmdRxqShow => "pmd-rxq-show".into(),
+                CtlCmd::Rebalance { policy } => {
+                    format!("rebalance {}", policy.unwrap_or_default())
+                }
             };
             print!("{}", ctl::client(&socket, &cmd)?);
             Ok(())
@@ -96,7 +108,8 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         cfg.control_socket.display()
     );
     // The main thread watches: for a signal to stop, and for rings a guest corrupted (the PMD
-    // only flags them; saying so is control's job).
+    // only flags them; saying so is control's job). It also closes the PMDs' load windows
+    // and rebalances them when auto-rebalance is on.
     let mut reported = std::collections::HashSet::new();
     loop {
         if let Some(sig) = signals.pending().next() {
@@ -104,6 +117,22 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             break;
         }
         sw.report_broken_rings(&mut reported);
+        match sw.dp.tick() {
+            Ok(moves) if !moves.is_empty() => {
+                log::info!("auto-rebalance: {} rx queue(s) moved", moves.len());
+                for m in moves {
+                    log::info!(
+                        "  port {} queue {}: core {} -> core {}",
+                        sw.port_name(m.port),
+                        m.queue,
+                        m.from.0,
+                        m.to.0
+                    );
+                }
+            }
+            Ok(_) => {}
+            Err(e) => log::error!("auto-rebalance: {e}"),
+        }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     sw.remove_sockets();

@@ -13,13 +13,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use dataplane::devport::{EthPortRt, TapPortRt};
+use dataplane::devport::{EthPort, TapPort};
 use dataplane::dpdk::{self, EthConfig, EthDev, Mempool};
-use dataplane::pmd::PmdHandle;
-use dataplane::port::VhostPortRt;
+use dataplane::pmd::Source;
+use dataplane::port::{Port, VhostPort};
+use dataplane::sched::Dataplane;
 use dataplane::stats::QueueStats;
 use dataplane::tap::Tap;
-use dataplane::{CoreId, PortId};
+use dataplane::PortId;
 use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag, VhostUserVirtioFeatures};
 use vhost::vhost_user::{BackendReqHandler, VhostUserBackendReqHandlerMut};
 
@@ -40,14 +41,14 @@ pub struct PortInfo {
     /// Why the port is not running (a device port that failed to start; the others run).
     pub error: Option<String>,
     id: PortId,
-    /// The PMD that holds the port (None: it failed to start, no PMD has it).
-    pmd: Option<Arc<PmdHandle>>,
+    /// The PMDs hold the port (false: it failed to start).
+    started: bool,
     /// vhost-user: the thread serving the socket.
     thread: Option<PortThread>,
 }
 
 pub struct Switch {
-    pub pmds: Vec<Arc<PmdHandle>>,
+    pub dp: Arc<Dataplane>,
     pub tsc_hz: u64,
     /// Ports, what they hold unique, and the DPDK pools; control threads only (start, ctl).
     inner: Mutex<Ports>,
@@ -64,19 +65,20 @@ impl Switch {
     /// stops the switch; a device port that cannot (bad devargs, no hugepages, EAL failure, no
     /// /dev/net/tun) is logged and listed with its error, and the other ports run.
     pub fn start(cfg: &Config) -> anyhow::Result<Switch> {
-        let pmds = cfg
-            .pmd_cores
-            .iter()
-            .map(|&c| PmdHandle::spawn(CoreId(c)).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
+        let dp = Arc::new(Dataplane::start(
+            &cfg.pmd_cores,
+            cfg.rxq_assign,
+            cfg.auto_lb,
+        )?);
+        let n_pmds = cfg.pmd_cores.len();
         let sw = Switch {
             tsc_hz: dataplane::tsc::hz(),
             inner: Mutex::new(Ports {
                 list: Vec::new(),
                 set: PortSet::default(),
-                pools: DpdkPools::new(cfg, pmds.len()),
+                pools: DpdkPools::new(cfg, n_pmds),
             }),
-            pmds,
+            dp,
         };
         for pc in &cfg.ports {
             let vhost = matches!(pc.kind, PortKind::VhostUser { .. });
@@ -110,19 +112,21 @@ impl Switch {
     pub fn add_port(&self, pc: PortConfig) -> anyhow::Result<()> {
         let mut ports = self.ports();
         let context = || format!("port {} ({})", pc.name, pc.file.display());
+        let cores: Vec<usize> = self.dp.pmds().iter().map(|p| p.core().0).collect();
+        crate::config::check_affinity(&pc, &cores)?;
         ports.set.insert(&pc)?;
         let id = free_id(&ports.list)
             .with_context(|| format!("more than {} ports", dataplane::pmd::MAX_PORTS))
             .with_context(context);
         let started = id.and_then(|id| {
-            let pmd = self.pmds[id.0 as usize % self.pmds.len()].clone();
+            let dp = &self.dp;
             match &pc.kind {
-                PortKind::VhostUser { .. } => start_vhost_port(&pc, id, pmd),
+                PortKind::VhostUser { .. } => start_vhost_port(&pc, id, dp),
                 PortKind::Dpdk { .. } => ports
                     .pools
-                    .pool_for(id.0 as usize % self.pmds.len(), &pc)
-                    .and_then(|pool| start_dpdk_port(&pc, id, pmd, pool)),
-                PortKind::Tap { ifname } => start_tap_port(&pc, id, pmd, ifname),
+                    .pool_for(id.0 as usize % dp.pmds().len(), &pc)
+                    .and_then(|pool| start_dpdk_port(&pc, id, dp, pool)),
+                PortKind::Tap { ifname } => start_tap_port(&pc, id, dp, ifname),
             }
             .with_context(context)
         });
@@ -148,7 +152,7 @@ impl Switch {
         let info = ports.list.remove(i);
         ports.set.remove(&info.config);
         drop(ports);
-        info.stop()?;
+        info.stop(&self.dp)?;
         log::info!("port {name}: removed");
         Ok(())
     }
@@ -169,6 +173,15 @@ impl Switch {
                 }
             }
         }
+    }
+
+    /// The name of the port with id `id` (for `ctl`).
+    pub fn port_name(&self, id: PortId) -> String {
+        self.ports()
+            .list
+            .iter()
+            .find(|p| p.id == id && p.started)
+            .map_or_else(|| format!("#{}", id.0), |p| p.config.name.clone())
     }
 
     /// Remove the sockets ringswitch created (at exit).
@@ -195,18 +208,18 @@ impl PortInfo {
             error: None,
             id,
             config: pc.clone(),
-            pmd: None,
+            started: false,
             thread: None,
         }
     }
 
-    fn stop(self) -> anyhow::Result<()> {
+    fn stop(self, dp: &Dataplane) -> anyhow::Result<()> {
         if let Some(t) = &self.thread {
             t.stop();
         }
-        if let Some(pmd) = &self.pmd {
-            // Dropped here, on control, after the PMD handed it back.
-            drop(pmd.remove_port(self.id)?);
+        if self.started {
+            // Dropped here, on control, after every PMD let go of it.
+            drop(dp.remove_port(self.id)?);
         }
         self.remove_socket();
         Ok(())
@@ -328,7 +341,7 @@ impl DpdkPools {
 fn start_dpdk_port(
     pc: &PortConfig,
     id: PortId,
-    pmd: Arc<PmdHandle>,
+    dp: &Dataplane,
     pool: Arc<Mempool>,
 ) -> anyhow::Result<PortInfo> {
     let PortKind::Dpdk {
@@ -351,16 +364,9 @@ fn start_dpdk_port(
     let (port_id, mac) = (dev.port_id, dev.mac);
     let link = dpdk::link(port_id);
     let mut info = PortInfo::new(pc, id, queue_stats(pc.queues));
-    let from_port = info.queues.iter().skip(1).step_by(2).cloned().collect();
-    // One PMD sends on TX queue 0; more PMDs would each take a queue of their own.
-    pmd.add_port(EthPortRt::new(
-        id,
-        dev,
-        pc.queues,
-        0,
-        info.queues[0].clone(),
-        from_port,
-    ))?;
+    let (to_port, from_port) = split_stats(&info.queues);
+    let port = Port::Eth(EthPort::new(id, dev, to_port, from_port.into()));
+    start_device_port(dp, port, pc)?;
     log::info!(
         "port {}: dpdk {devargs} (port id {port_id}, {}, {} queue(s), link {} {} Mb/s)",
         pc.name,
@@ -371,29 +377,55 @@ fn start_dpdk_port(
     );
     info.connected.store(true, Ordering::Relaxed);
     info.dpdk_port = Some(port_id);
-    info.pmd = Some(pmd);
+    info.started = true;
     Ok(info)
+}
+
+/// A device port's counters: per queue, those of frames into it and those of frames from it.
+fn split_stats(queues: &[Arc<QueueStats>]) -> (Vec<Arc<QueueStats>>, Vec<Arc<QueueStats>>) {
+    let to = queues.iter().step_by(2).cloned().collect();
+    let from = queues.iter().skip(1).step_by(2).cloned().collect();
+    (to, from)
+}
+
+/// Hand a device port to the PMDs, and each of its rx queues to the PMD the policy picks.
+fn start_device_port(dp: &Dataplane, port: Port, pc: &PortConfig) -> anyhow::Result<()> {
+    let id = port.id();
+    dp.add_port(port, &pc.rxq_affinity)?;
+    for q in 0..pc.queues {
+        let source = match pc.kind {
+            PortKind::Tap { .. } => Source::Tap,
+            _ => Source::Eth,
+        };
+        if let Err(e) = dp.add_rxq(id, q, source) {
+            drop(dp.remove_port(id));
+            return Err(e.into());
+        }
+    }
+    Ok(())
 }
 
 fn start_tap_port(
     pc: &PortConfig,
     id: PortId,
-    pmd: Arc<PmdHandle>,
+    dp: &Dataplane,
     ifname: &str,
 ) -> anyhow::Result<PortInfo> {
     let queues = (0..pc.queues)
         .map(|_| Tap::open(ifname))
         .collect::<Result<Vec<_>, _>>()?;
     let mut info = PortInfo::new(pc, id, queue_stats(pc.queues));
-    pmd.add_port(Box::new(TapPortRt {
+    let (to_port, from_port) = split_stats(&info.queues);
+    let port = Port::Tap(TapPort {
         id,
         queues: queues.into_boxed_slice(),
-        to_port: info.queues[0].clone(),
-        from_port: info.queues.iter().skip(1).step_by(2).cloned().collect(),
-    }))?;
+        to_port: to_port.into(),
+        from_port: from_port.into(),
+    });
+    start_device_port(dp, port, pc)?;
     log::info!("port {}: tap {ifname} with {} queue(s)", pc.name, pc.queues);
     info.connected.store(true, Ordering::Relaxed);
-    info.pmd = Some(pmd);
+    info.started = true;
     Ok(info)
 }
 
@@ -401,7 +433,7 @@ fn fmt_mac(m: &[u8; 6]) -> String {
     m.map(|b| format!("{b:02x}")).join(":")
 }
 
-fn start_vhost_port(pc: &PortConfig, id: PortId, pmd: Arc<PmdHandle>) -> anyhow::Result<PortInfo> {
+fn start_vhost_port(pc: &PortConfig, id: PortId, dp: &Arc<Dataplane>) -> anyhow::Result<PortInfo> {
     let PortKind::VhostUser {
         mode,
         socket,
@@ -415,11 +447,11 @@ fn start_vhost_port(pc: &PortConfig, id: PortId, pmd: Arc<PmdHandle>) -> anyhow:
         VhostMode::Client => None,
     };
     let mut info = PortInfo::new(pc, id, queue_stats(pc.queues));
-    pmd.add_port(VhostPortRt::new(id, pc.queues as usize))?;
+    dp.add_port(VhostPort::port(id, pc.queues as usize), &pc.rxq_affinity)?;
     let device = Arc::new(Mutex::new(VhostUserDevice::new(
         pc.name.clone(),
         id,
-        pmd.clone(),
+        dp.clone(),
         info.queues.clone(),
     )));
     let stop = Arc::new(AtomicBool::new(false));
@@ -453,7 +485,7 @@ fn start_vhost_port(pc: &PortConfig, id: PortId, pmd: Arc<PmdHandle>) -> anyhow:
         conn,
         handle: Mutex::new(Some(handle)),
     });
-    info.pmd = Some(pmd);
+    info.started = true;
     Ok(info)
 }
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use dataplane::guest_mem::{DirtyLog, MemTable, RegionDesc};
 use dataplane::offload::OffloadCaps;
-use dataplane::pmd::PmdHandle;
 use dataplane::port::NetFeatures;
+use dataplane::sched::Dataplane;
 use dataplane::stats::QueueStats;
 use dataplane::virtq::split::RingAddrs;
 use dataplane::virtq::{PackedRing, SplitRing, Virtq};
@@ -94,7 +94,7 @@ struct Vring {
 pub struct VhostUserDevice {
     pub name: String,
     id: PortId,
-    pmd: Arc<PmdHandle>,
+    dp: Arc<Dataplane>,
     /// Per virtqueue (2 per queue pair), kept across reconnects so counters only grow.
     stats: Vec<Arc<QueueStats>>,
     features: u64,
@@ -110,12 +110,12 @@ fn req_err(msg: String) -> VuError {
 }
 
 impl VhostUserDevice {
-    pub fn new(name: String, id: PortId, pmd: Arc<PmdHandle>, stats: Vec<Arc<QueueStats>>) -> Self {
+    pub fn new(name: String, id: PortId, dp: Arc<Dataplane>, stats: Vec<Arc<QueueStats>>) -> Self {
         let n = stats.len();
         VhostUserDevice {
             name,
             id,
-            pmd,
+            dp,
             stats,
             features: 0,
             protocol_features: 0,
@@ -220,7 +220,7 @@ impl VhostUserDevice {
         features: NetFeatures,
         ring: Option<Box<Virtq>>,
     ) -> VuResult<Option<Box<Virtq>>> {
-        self.pmd
+        self.dp
             .set_ring(self.id, q, features, ring)
             .map_err(|e| req_err(format!("port {}: {e}", self.name)))
     }
@@ -560,11 +560,11 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
 /// A device for unit tests: port 0 with one queue pair on a PMD of its own on CPU 0.
 #[cfg(test)]
 pub(crate) fn test_device(name: &str) -> VhostUserDevice {
-    let pmd = Arc::new(PmdHandle::spawn(dataplane::CoreId(0)).unwrap());
-    pmd.add_port(dataplane::port::VhostPortRt::new(PortId(0), 1))
+    let dp = Dataplane::start(&[0], Default::default(), None).unwrap();
+    dp.add_port(dataplane::port::VhostPort::port(PortId(0), 1), &[])
         .unwrap();
     let stats = (0..2).map(|_| Arc::new(QueueStats::default())).collect();
-    VhostUserDevice::new(name.into(), PortId(0), pmd, stats)
+    VhostUserDevice::new(name.into(), PortId(0), Arc::new(dp), stats)
 }
 
 #[cfg(test)]

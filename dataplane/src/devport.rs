@@ -1,67 +1,94 @@
-//! Ports backed by a device rather than a guest: a DPDK Ethernet port (`EthPortRt`) and a kernel
-//! tap (`TapPortRt`), as their PMD holds them. Control builds them around an opened device and
-//! moves them into the PMD; the PMD hands them back for closing. Delivery into them runs on the
-//! PMD: one copy into an mbuf (DPDK), or a `writev` straight from the source buffers (tap).
+//! Ports backed by a device rather than a guest: a DPDK Ethernet port (`EthPort`) and a kernel
+//! tap (`TapPort`), as the PMDs share them. Control builds them around an opened device; every
+//! PMD delivers into them, one PMD polls each of their RX queues. Delivery: one copy into an
+//! mbuf sent at the end of the burst (DPDK), or a `writev` straight from the source buffers
+//! (tap).
 
 use std::sync::Arc;
 
 use crate::dpdk::{EthDev, MbufBurst};
 use crate::offload::Frame;
-use crate::port::Delivery;
+use crate::port::{deliver_finished, Delivery, RxScratch};
 use crate::stats::QueueStats;
 use crate::tap::{self, Tap, TapIo};
+use crate::txlock::TxLock;
 use crate::virtq::copy::gather;
 use crate::PortId;
 
-pub struct EthPortRt {
-    pub id: PortId,
-    // Field order is drop order: the mbufs go back to their pool before `dev` (which holds the
-    // pool) goes.
+/// One TX queue of a DPDK port, held by a PMD for a burst.
+pub struct EthTxq {
+    queue: u16,
     /// Fresh mbufs from the port's pool, taken in bulk.
     fresh: MbufBurst,
     /// Filled mbufs waiting for the end of the burst.
     pending: MbufBurst,
+    stats: Arc<QueueStats>,
+}
+
+pub struct EthPort {
+    pub id: PortId,
+    // Field order is drop order: the mbufs go back to their pool before `dev` (which holds the
+    // pool) goes.
+    /// TX queues: PMD number i sends on queue i modulo their number (its own queue when there
+    /// are as many as PMDs; shared, and then contended, when fewer).
+    pub tx: Box<[TxLock<EthTxq>]>,
     pub dev: EthDev,
-    /// RX queues this PMD polls.
     pub rx_queues: u16,
-    /// The TX queue this PMD sends on.
-    pub tx_queue: u16,
-    /// Listed in `RxScratch::dirty`: `pending` is not empty.
-    pub dirty: bool,
-    /// Frames sent into the port (its TX side).
-    pub to_port: Arc<QueueStats>,
     /// Per RX queue: frames taken from the port.
     pub from_port: Box<[Arc<QueueStats>]>,
 }
 
-impl EthPortRt {
+impl EthPort {
+    /// `to_port` and `from_port`: counters per TX and per RX queue.
     pub fn new(
         id: PortId,
         dev: EthDev,
-        rx_queues: u16,
-        tx_queue: u16,
-        to_port: Arc<QueueStats>,
+        to_port: Vec<Arc<QueueStats>>,
         from_port: Box<[Arc<QueueStats>]>,
-    ) -> Box<EthPortRt> {
-        Box::new(EthPortRt {
+    ) -> EthPort {
+        EthPort {
             id,
-            dev,
-            rx_queues,
-            tx_queue,
-            fresh: MbufBurst::default(),
-            pending: MbufBurst::default(),
-            dirty: false,
-            to_port,
+            tx: to_port
+                .into_iter()
+                .enumerate()
+                .map(|(q, stats)| {
+                    TxLock::new(EthTxq {
+                        queue: q as u16,
+                        fresh: MbufBurst::default(),
+                        pending: MbufBurst::default(),
+                        stats,
+                    })
+                })
+                .collect(),
+            rx_queues: from_port.len() as u16,
             from_port,
-        })
+            dev,
+        }
     }
 
-    /// Copy a complete frame into a fresh mbuf and queue it for `flush`. The port is listed in
-    /// `dirty` the first time it gets a frame after a flush.
+    /// Copy a frame into a fresh mbuf of the PMD's TX queue, sent when the burst is flushed.
     #[inline]
-    pub fn deliver(&mut self, f: &Frame, dirty: &mut Vec<PortId>) -> Delivery {
-        let s = &self.to_port;
-        let Some(mut m) = self.fresh.take(self.dev.pool()) else {
+    pub(crate) fn deliver(&self, f: &Frame, scratch: &mut RxScratch) -> Delivery {
+        let q = scratch.pmd_index() % self.tx.len().max(1);
+        let Some(lock) = self.tx.get(q) else {
+            return Delivery::NoQueue;
+        };
+        let Some(txq) = scratch.hold(self.id, q, lock) else {
+            return Delivery::Busy;
+        };
+        if f.vnet.is_none() {
+            return txq.push(&self.dev, f);
+        }
+        let stats = txq.stats.clone();
+        deliver_finished(f, scratch, &stats, |frame, _| txq.push(&self.dev, frame))
+    }
+}
+
+impl EthTxq {
+    #[inline]
+    fn push(&mut self, dev: &EthDev, f: &Frame) -> Delivery {
+        let s = &self.stats;
+        let Some(mut m) = self.fresh.take(dev.pool()) else {
             s.add(&s.drop_no_mbuf, 1);
             return Delivery::Refused;
         };
@@ -73,61 +100,59 @@ impl EthPortRt {
             return Delivery::Refused;
         }
         if self.pending.is_full() {
-            self.flush();
+            self.flush(dev.port_id);
         }
         self.pending.push(m);
-        if !self.dirty {
-            self.dirty = true;
-            dirty.push(self.id);
-        }
         Delivery::Delivered
     }
 
     /// Hand the queued frames to the device; what its TX ring cannot take is freed and counted.
     #[inline]
-    pub fn flush(&mut self) {
-        self.dirty = false;
+    pub(crate) fn flush(&mut self, port_id: u16) {
         if self.pending.is_empty() {
             return;
         }
         let queued = self.pending.len();
         let mut bytes = self.pending.bytes();
-        let sent = self.pending.tx(self.dev.port_id, self.tx_queue);
+        let sent = self.pending.tx(port_id, self.queue);
         if sent < queued {
             bytes -= self.pending.bytes();
             self.pending.free_all();
         }
-        let s = &self.to_port;
+        let s = &self.stats;
         s.add(&s.packets, sent as u64);
         s.add(&s.bytes, bytes);
         s.add(&s.drop_tx_full, (queued - sent) as u64);
     }
 }
 
-pub struct TapPortRt {
+pub struct TapPort {
     pub id: PortId,
     /// Every queue is read (the kernel spreads its frames over them) and written (a frame goes
-    /// to the queue numbered as the one it came from).
+    /// to the queue numbered as the one it came from). The kernel serialises writers, so no
+    /// lock: several PMDs may write one queue.
     pub queues: Box<[Tap]>,
-    pub to_port: Arc<QueueStats>,
+    /// Per queue; written by any PMD, hence `add_shared`.
+    pub to_port: Box<[Arc<QueueStats>]>,
     pub from_port: Box<[Arc<QueueStats>]>,
 }
 
-impl TapPortRt {
+impl TapPort {
     #[inline]
-    pub fn deliver(&mut self, f: &Frame) -> Delivery {
-        let s = &self.to_port;
-        let Some(q) = self.queues.get(f.queue_among(self.queues.len())) else {
+    pub(crate) fn deliver(&self, f: &Frame) -> Delivery {
+        let q = f.queue_among(self.queues.len());
+        let (Some(tap), Some(s)) = (self.queues.get(q), self.to_port.get(q)) else {
             return Delivery::NoQueue;
         };
-        match tap::write_frame(q.fd(), f) {
+        // A tap takes any virtio-net header written to it (the kernel segments if need be).
+        match tap::write_frame(tap.fd(), f) {
             TapIo::Done(n) => {
-                s.add(&s.packets, 1);
-                s.add(&s.bytes, n as u64);
+                s.add_shared(&s.packets, 1);
+                s.add_shared(&s.bytes, n as u64);
                 return Delivery::Delivered;
             }
-            TapIo::WouldBlock => s.add(&s.drop_tx_full, 1),
-            TapIo::Error => s.add(&s.drop_tx_error, 1),
+            TapIo::WouldBlock => s.add_shared(&s.drop_tx_full, 1),
+            TapIo::Error => s.add_shared(&s.drop_tx_error, 1),
         }
         Delivery::Refused
     }

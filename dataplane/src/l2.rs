@@ -1,26 +1,55 @@
-//! L2 learning table of one PMD: MAC → port, fixed capacity, open addressing. Allocated by
-//! control when the PMD starts; learning and lookup on the hot path never allocate.
+//! L2 learning table: MAC → port, fixed capacity, open addressing, shared by every PMD (a
+//! station learned by one PMD is known to all). Each slot is one atomic word, so learning and
+//! lookup are plain loads and stores with no lock; each PMD keeps a `MacCache` of its last
+//! answers beside it. Allocated by control at start; the hot path never allocates.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 use crate::PortId;
 
 const PROBE: usize = 8;
 const VALID: u64 = 1 << 63;
-
-#[derive(Clone, Copy, Default)]
-struct Entry {
-    /// MAC in the low 48 bits, VALID set when occupied.
-    key: u64,
-    port: u16,
-}
+const MAC_BITS: u64 = (1 << 48) - 1;
+const PORT_SHIFT: u32 = 48;
+/// Port ids fit the 15 bits between the MAC and VALID.
+const PORT_MASK: u64 = 0x7fff;
 
 pub struct MacTable {
-    slots: Box<[Entry]>,
+    /// MAC in the low 48 bits, the port above it, VALID set when occupied; 0 is free.
+    slots: Box<[AtomicU64]>,
     mask: usize,
-    /// The last address learned and its port: a burst mostly repeats one source.
-    learned: Entry,
-    /// The last lookup and its answer, valid until the table changes: a burst mostly repeats
-    /// one destination (the one-entry version of OVS's exact-match cache).
-    looked_up: Option<(u64, Option<PortId>)>,
+    /// A new value on every change, so a PMD knows when its cached answers went stale. Each
+    /// writer makes values only it can (its id above a count of its own): a plain store, not
+    /// a locked increment, which would stall until the burst's earlier stores drained (the
+    /// v2v loop re-learns a MAC on every burst).
+    generation: AtomicU64,
+    /// Control's count of changes (`forget_port`).
+    control_changes: AtomicU64,
+}
+
+/// One PMD's memory of its last learn and lookup: a burst mostly repeats one source and one
+/// destination (the one-entry version of OVS's exact-match cache).
+pub struct MacCache {
+    /// This writer's tag in `generation`, and its count of changes.
+    writer: u64,
+    changes: u64,
+    /// The last entry this PMD learned, and the table generation then.
+    learned: (u64, u64),
+    /// The last lookup and its answer, valid while the generation is unchanged.
+    looked_up: Option<(u64, Option<PortId>, u64)>,
+}
+
+impl MacCache {
+    /// The cache of writer `writer` (a PMD's index + 1; 0 is control's).
+    pub fn new(writer: u32) -> Self {
+        MacCache {
+            writer: (writer as u64) << 40,
+            changes: 0,
+            learned: (0, 0),
+            looked_up: None,
+        }
+    }
 }
 
 #[inline]
@@ -37,15 +66,25 @@ pub fn is_multicast(mac: &[u8]) -> bool {
     mac.first().is_some_and(|b| b & 1 != 0)
 }
 
+#[inline]
+fn key_of(e: u64) -> u64 {
+    e & (VALID | MAC_BITS)
+}
+
+#[inline]
+fn port_of(e: u64) -> PortId {
+    PortId(((e >> PORT_SHIFT) & PORT_MASK) as u16)
+}
+
 impl MacTable {
     /// `capacity` is rounded up to a power of two.
     pub fn new(capacity: usize) -> Self {
         let n = capacity.max(PROBE).next_power_of_two();
         MacTable {
-            slots: vec![Entry::default(); n].into_boxed_slice(),
+            slots: (0..n).map(|_| AtomicU64::new(0)).collect(),
             mask: n - 1,
-            learned: Entry::default(),
-            looked_up: None,
+            generation: AtomicU64::new(0),
+            control_changes: AtomicU64::new(0),
         }
     }
 
@@ -54,67 +93,94 @@ impl MacTable {
         (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as usize & self.mask
     }
 
+    /// Publish a change made by the writer of `cache`.
+    #[inline]
+    fn changed(&self, cache: &mut MacCache) {
+        cache.changes += 1;
+        self.generation
+            .store(cache.writer | (cache.changes & ((1 << 40) - 1)), Release);
+    }
+
     /// Remember that `mac` (a unicast source address) lives behind `port`. When every probed
     /// slot is taken by another address, the home slot is overwritten (the oldest guess loses).
     /// Multicast and all-zero sources are not addresses a station can have: never learned (as
     /// the Linux bridge does), so frames *to* 00:00:00:00:00:00 are flooded, not looped back.
     #[inline]
-    pub fn learn(&mut self, mac: &[u8], port: PortId) {
+    pub fn learn(&self, cache: &mut MacCache, mac: &[u8], port: PortId) {
         if is_multicast(mac) || mac.iter().take(6).all(|&b| b == 0) {
             return;
         }
         let key = mac_key(mac);
-        let entry = Entry { key, port: port.0 };
-        if self.learned.key == key && self.learned.port == port.0 {
+        let entry = key | (port.0 as u64 & PORT_MASK) << PORT_SHIFT;
+        let generation = self.generation.load(Relaxed);
+        if cache.learned == (entry, generation) {
             return;
         }
-        self.learned = entry;
+        self.learn_slow(cache, key, entry);
+        cache.learned = (entry, self.generation.load(Relaxed));
+    }
+
+    #[cold]
+    fn learn_slow(&self, cache: &mut MacCache, key: u64, entry: u64) {
         let home = self.home(key);
-        let mut free = None;
-        for i in 0..PROBE {
-            let idx = (home + i) & self.mask;
-            let e = &mut self.slots[idx];
-            if e.key == key {
-                if e.port != port.0 {
-                    e.port = port.0;
-                    self.looked_up = None;
+        'probe: for i in 0..PROBE {
+            let slot = &self.slots[(home + i) & self.mask];
+            let mut e = slot.load(Relaxed);
+            loop {
+                if key_of(e) == key {
+                    if e != entry {
+                        slot.store(entry, Relaxed);
+                        self.changed(cache);
+                    }
+                    return;
                 }
-                return;
-            }
-            if e.key == 0 && free.is_none() {
-                free = Some(idx);
+                if e != 0 {
+                    continue 'probe;
+                }
+                // Two PMDs may claim one free slot at once: the loser looks again.
+                match slot.compare_exchange(0, entry, Relaxed, Relaxed) {
+                    Ok(_) => {
+                        self.changed(cache);
+                        return;
+                    }
+                    Err(now) => e = now,
+                }
             }
         }
-        self.slots[free.unwrap_or(home)] = entry;
-        self.looked_up = None;
+        self.slots[home].store(entry, Relaxed);
+        self.changed(cache);
     }
 
     #[inline]
-    pub fn lookup(&mut self, mac: &[u8]) -> Option<PortId> {
+    pub fn lookup(&self, cache: &mut MacCache, mac: &[u8]) -> Option<PortId> {
         let key = mac_key(mac);
-        if let Some((k, port)) = self.looked_up {
-            if k == key {
+        // Acquire: the slots read below are at least as new as the change it names.
+        let generation = self.generation.load(Acquire);
+        if let Some((k, port, g)) = cache.looked_up {
+            if k == key && g == generation {
                 return port;
             }
         }
         let home = self.home(key);
         let port = (0..PROBE)
-            .map(|i| self.slots[(home + i) & self.mask])
-            .find(|e| e.key == key)
-            .map(|e| PortId(e.port));
-        self.looked_up = Some((key, port));
+            .map(|i| self.slots[(home + i) & self.mask].load(Relaxed))
+            .find(|&e| key_of(e) == key)
+            .map(port_of);
+        cache.looked_up = Some((key, port, generation));
         port
     }
 
     /// Drop every address learned on `port` (it was removed or its guest went away).
-    pub fn forget_port(&mut self, port: PortId) {
-        self.learned = Entry::default();
-        self.looked_up = None;
-        for e in self.slots.iter_mut() {
-            if e.key != 0 && e.port == port.0 {
-                *e = Entry::default();
+    pub fn forget_port(&self, port: PortId) {
+        for slot in self.slots.iter() {
+            let e = slot.load(Relaxed);
+            if e != 0 && port_of(e) == port {
+                let _ = slot.compare_exchange(e, 0, Relaxed, Relaxed);
             }
         }
+        let mut control = MacCache::new(0);
+        control.changes = self.control_changes.fetch_add(1, Relaxed) + 1;
+        self.changed(&mut control);
     }
 }
 
@@ -122,9 +188,27 @@ impl MacTable {
 mod tests {
     use super::*;
 
+    /// A table and one PMD's cache of it.
+    struct View(MacTable, MacCache);
+
+    impl View {
+        fn new(n: usize) -> Self {
+            View(MacTable::new(n), MacCache::new(1))
+        }
+        fn learn(&mut self, mac: &[u8], port: PortId) {
+            self.0.learn(&mut self.1, mac, port)
+        }
+        fn lookup(&mut self, mac: &[u8]) -> Option<PortId> {
+            self.0.lookup(&mut self.1, mac)
+        }
+        fn forget_port(&mut self, port: PortId) {
+            self.0.forget_port(port)
+        }
+    }
+
     #[test]
     fn learn_lookup_move_forget() {
-        let mut t = MacTable::new(64);
+        let mut t = View::new(64);
         let a = [2, 0, 0, 0, 0, 1];
         let b = [2, 0, 0, 0, 0, 2];
         assert_eq!(t.lookup(&a), None);
@@ -144,7 +228,7 @@ mod tests {
 
     #[test]
     fn cached_answers_follow_every_change() {
-        let mut t = MacTable::new(64);
+        let mut t = View::new(64);
         let a = [2, 0, 0, 0, 0, 1];
         assert_eq!(t.lookup(&a), None);
         assert_eq!(t.lookup(&a), None);
@@ -164,8 +248,26 @@ mod tests {
     }
 
     #[test]
+    fn what_one_pmd_learns_the_other_finds() {
+        let t = MacTable::new(64);
+        let (mut c0, mut c1) = (MacCache::new(1), MacCache::new(2));
+        let a = [2, 0, 0, 0, 0, 1];
+        assert_eq!(t.lookup(&mut c1, &a), None);
+        t.learn(&mut c0, &a, PortId(7));
+        assert_eq!(t.lookup(&mut c1, &a), Some(PortId(7)));
+        t.learn(&mut c1, &a, PortId(8));
+        assert_eq!(t.lookup(&mut c0, &a), Some(PortId(8)));
+        t.learn(&mut c0, &a, PortId(7));
+        assert_eq!(
+            t.lookup(&mut c1, &a),
+            Some(PortId(7)),
+            "c0's cache was stale"
+        );
+    }
+
+    #[test]
     fn full_table_still_learns() {
-        let mut t = MacTable::new(8);
+        let mut t = View::new(8);
         for i in 0..100u8 {
             t.learn(&[2, 0, 0, 0, 1, i], PortId(i as u16));
         }

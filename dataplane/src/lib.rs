@@ -14,9 +14,11 @@ pub mod l2;
 pub mod offload;
 pub mod pmd;
 pub mod port;
+pub mod sched;
 pub mod stats;
 pub mod tap;
 pub mod tsc;
+pub mod txlock;
 pub mod virtq;
 
 /// Frames per burst, as DPDK and OVS use.

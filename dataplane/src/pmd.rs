@@ -1,11 +1,13 @@
-//! PMD threads: a pinned, busy-polling loop that takes bursts from every port it owns (guest TX
-//! queues, DPDK RX queues, taps), switches each frame by destination MAC and copies it straight
-//! into the destination (a guest's RX buffers, an mbuf, a tap `writev`). Control talks to a PMD
-//! only through a bounded command queue drained between bursts; each command is acknowledged
-//! after the PMD applied it, which is the quiescent point control waits for before it answers
-//! GET_VRING_BASE, unmaps memory or tears a port down.
+//! PMD threads: a pinned, busy-polling loop over the rx queues assigned to it (guest TX queues,
+//! DPDK RX queues, tap queues). It switches each frame by destination MAC and copies it straight
+//! into the destination (a guest's RX buffers, an mbuf, a tap `writev`), whichever PMD polls the
+//! destination's own rx queues: destinations are shared (`Port`), each queue behind a lock held
+//! for one burst. Control talks to a PMD only through a bounded command queue drained between
+//! bursts; each command is acknowledged after the PMD applied it, which is the quiescent point
+//! control waits for before it answers GET_VRING_BASE, unmaps memory, moves an rx queue to
+//! another PMD or tears a port down. Between bursts a PMD holds no destination lock.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -13,18 +15,20 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 
 use crate::dpdk::MbufBurst;
-use crate::l2::{is_multicast, MacTable};
+use crate::l2::{is_multicast, MacCache, MacTable};
 use crate::offload::{Frame, VnetHdr, VNET_HDR_LEN};
-use crate::port::{Delivery, NetFeatures, PortRt, RxScratch};
+use crate::port::{Delivery, NetFeatures, Port, RxScratch};
 use crate::stats::{PmdStats, QueueStats};
 use crate::tap::{self, TapIo, TAP_HDR_LEN};
+use crate::txlock::pmd_holder;
 use crate::virtq::copy::gather;
 use crate::virtq::{PackedRing, Seg, SegList, VirtQueue, Virtq};
-use crate::{tsc, CoreId, PortId, QueueIdx, BURST, MAX_FRAME};
+use crate::{tsc, CoreId, PortId, BURST, MAX_FRAME};
 
-/// Ports one PMD can hold; ids are dense indices below this.
+/// Ports the switch can hold; ids are dense indices below this.
 pub const MAX_PORTS: usize = 256;
-const MAC_TABLE_SIZE: usize = 8192;
+/// Rx queues one PMD can poll.
+pub const MAX_RXQS: usize = 1024;
 /// How long control waits for a PMD to acknowledge a command before calling it stuck.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -36,14 +40,62 @@ pub enum PmdError {
     Pin(usize),
     #[error("PMD on core {0} did not acknowledge a command within {ACK_TIMEOUT:?}")]
     Unresponsive(usize),
-    #[error("port id {0} is beyond the PMD's {MAX_PORTS} ports")]
+    #[error("port id {0} is beyond the switch's {MAX_PORTS} ports")]
     PortId(u16),
+    #[error("PMD on core {0} already polls {MAX_RXQS} rx queues")]
+    TooManyRxqs(usize),
+}
+
+/// Busy cycles and packets of one rx queue: written by the PMD polling it, read by control
+/// (`pmd-rxq-show`, the `cycles` assignment, auto-rebalance). Travels with the queue.
+#[repr(align(64))]
+#[derive(Default, Debug)]
+pub struct RxqLoad {
+    pub busy_cycles: AtomicU64,
+    pub packets: AtomicU64,
+}
+
+/// Where an rx queue's frames come from.
+pub enum Source {
+    /// A guest's TX virtqueue, with the features negotiated when it started.
+    Vhost {
+        ring: Box<Virtq>,
+        features: NetFeatures,
+    },
+    /// RX queue `queue` of the port's DPDK device.
+    Eth,
+    /// Tap queue `queue` of the port.
+    Tap,
+}
+
+/// One rx queue, as the PMD polling it holds it. Moving it to another PMD moves this value
+/// (the ring and its position), so no frame is lost or taken twice.
+pub struct Rxq {
+    pub port: PortId,
+    /// Queue pair (vhost-user) or queue number (devices).
+    pub queue: u16,
+    pub source: Source,
+    pub load: Arc<RxqLoad>,
+    /// Frames moved by its last burst.
+    burst: u32,
+}
+
+impl Rxq {
+    pub fn new(port: PortId, queue: u16, source: Source, load: Arc<RxqLoad>) -> Rxq {
+        Rxq {
+            port,
+            queue,
+            source,
+            load,
+            burst: 0,
+        }
+    }
 }
 
 /// Something the PMD hands back to control, to be dropped (unmapped, closed) there.
 pub enum Returned {
+    Rxq(Rxq),
     Ring(Box<Virtq>),
-    Port(PortRt),
 }
 
 /// A one-shot acknowledgement from the PMD.
@@ -55,11 +107,14 @@ struct Reply {
 }
 
 enum Command {
-    AddPort(PortRt, Arc<Reply>),
+    AddPort(Arc<Port>, Arc<Reply>),
     RemovePort(PortId, Arc<Reply>),
-    SetRing {
+    AddRxq(Rxq, Arc<Reply>),
+    RemoveRxq(PortId, u16, Arc<Reply>),
+    /// Swap the ring of a guest RX queue (a destination every PMD may hold for a burst).
+    SwapRing {
         port: PortId,
-        queue: QueueIdx,
+        queue: u16,
         features: NetFeatures,
         ring: Option<Box<Virtq>>,
         reply: Arc<Reply>,
@@ -81,8 +136,8 @@ pub struct PmdHandle {
 }
 
 impl PmdHandle {
-    /// Start a PMD pinned to `core`.
-    pub fn spawn(core: CoreId) -> Result<PmdHandle, PmdError> {
+    /// Start PMD number `index` pinned to `core`, switching with the shared MAC table.
+    pub fn spawn(core: CoreId, index: usize, macs: Arc<MacTable>) -> Result<PmdHandle, PmdError> {
         let shared = Arc::new(Shared {
             cmds: ArrayQueue::new(64),
             stats: PmdStats::default(),
@@ -96,7 +151,7 @@ impl PmdHandle {
                 let pinned = core_affinity::set_for_current(core_affinity::CoreId { id: core.0 });
                 let _ = tx.send(pinned);
                 if pinned {
-                    Pmd::new(s).run();
+                    Pmd::new(s, index, macs).run();
                 }
             })
             .map_err(PmdError::Spawn)?;
@@ -147,32 +202,43 @@ impl PmdHandle {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
-    pub fn add_port(&self, port: impl Into<PortRt>) -> Result<(), PmdError> {
-        let port = port.into();
+    /// Make `port` a destination of this PMD.
+    pub fn add_port(&self, port: Arc<Port>) -> Result<(), PmdError> {
         if port.id().0 as usize >= MAX_PORTS {
             return Err(PmdError::PortId(port.id().0));
         }
         self.call(|r| Command::AddPort(port, r)).map(drop)
     }
 
-    /// Detach a port; returns it (with any rings it still held) once the PMD let go of it.
-    pub fn remove_port(&self, port: PortId) -> Result<Option<PortRt>, PmdError> {
-        Ok(match self.call(|r| Command::RemovePort(port, r))? {
-            Some(Returned::Port(p)) => Some(p),
+    /// Let go of a port (its rx queues must have been removed first).
+    pub fn remove_port(&self, port: PortId) -> Result<(), PmdError> {
+        self.call(|r| Command::RemovePort(port, r)).map(drop)
+    }
+
+    /// Start polling an rx queue.
+    pub fn add_rxq(&self, rxq: Rxq) -> Result<(), PmdError> {
+        self.call(|r| Command::AddRxq(rxq, r)).map(drop)
+    }
+
+    /// Stop polling an rx queue; returns it once the PMD no longer touches it.
+    pub fn remove_rxq(&self, port: PortId, queue: u16) -> Result<Option<Rxq>, PmdError> {
+        Ok(match self.call(|r| Command::RemoveRxq(port, queue, r))? {
+            Some(Returned::Rxq(q)) => Some(q),
             _ => None,
         })
     }
 
-    /// Install (Some) or detach (None) one virtqueue of a port. Returns the ring it replaced,
-    /// which the PMD no longer touches: its `last_avail_idx` is final.
-    pub fn set_ring(
+    /// Install (Some) or detach (None) the ring of guest RX queue `queue` of `port`, between
+    /// this PMD's bursts and under the queue's lock (other PMDs may deliver into it). Returns
+    /// the ring it replaced, which no PMD touches any more.
+    pub fn swap_ring(
         &self,
         port: PortId,
-        queue: QueueIdx,
+        queue: u16,
         features: NetFeatures,
         ring: Option<Box<Virtq>>,
     ) -> Result<Option<Box<Virtq>>, PmdError> {
-        let r = self.call(|reply| Command::SetRing {
+        let r = self.call(|reply| Command::SwapRing {
             port,
             queue,
             features,
@@ -198,6 +264,15 @@ impl Drop for PmdHandle {
 /// The PMD's own state; lives on the PMD thread only.
 struct Pmd {
     shared: Arc<Shared>,
+    /// The rx queues it polls (capacity MAX_RXQS: adding never allocates).
+    rxqs: Vec<Rxq>,
+    fwd: Fwd,
+    /// The thread has a DPDK lcore id (mempool caches); done once the first DPDK port arrives.
+    dpdk_registered: bool,
+}
+
+/// What switching a burst needs, apart from the rx queue it comes from.
+struct Fwd {
     fabric: Fabric,
     /// The frame being switched, as segments (guest buffers, an mbuf chain or `tap_buf`).
     src: Box<SegList>,
@@ -205,18 +280,17 @@ struct Pmd {
     mbufs: MbufBurst,
     tap_hdr: [u8; TAP_HDR_LEN],
     tap_buf: Box<[u8]>,
-    /// The thread has a DPDK lcore id (mempool caches); done once the first DPDK port arrives.
-    dpdk_registered: bool,
 }
 
-/// Every port the PMD holds, as destinations, and the MAC table: what forwarding needs, apart
-/// from the source frame.
+/// Every port, as destinations, and the MAC table: what forwarding needs, apart from the
+/// source frame.
 struct Fabric {
     /// Indexed by PortId.
-    ports: Vec<Option<PortRt>>,
-    /// Ids of the ports present, in poll order (capacity MAX_PORTS: pushing never allocates).
+    ports: Vec<Option<Arc<Port>>>,
+    /// Ids of the ports present, in flooding order (capacity MAX_PORTS: never allocates).
     active: Vec<PortId>,
-    macs: MacTable,
+    macs: Arc<MacTable>,
+    mac_cache: MacCache,
     rx: RxScratch,
 }
 
@@ -265,27 +339,30 @@ impl Tally {
     }
 }
 
-/// What one port contributes to a poll pass (copied out so the port is not borrowed meanwhile).
-enum PollPlan {
-    Vhost { tx_queues: usize },
-    Eth { dpdk_port: u16, rx_queues: u16 },
-    Tap { queues: usize },
+/// Single-writer add to a counter control reads.
+#[inline]
+fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed)
 }
 
 impl Pmd {
-    fn new(shared: Arc<Shared>) -> Pmd {
+    fn new(shared: Arc<Shared>, index: usize, macs: Arc<MacTable>) -> Pmd {
         Pmd {
             shared,
-            fabric: Fabric {
-                ports: (0..MAX_PORTS).map(|_| None).collect(),
-                active: Vec::with_capacity(MAX_PORTS),
-                macs: MacTable::new(MAC_TABLE_SIZE),
-                rx: RxScratch::default(),
+            rxqs: Vec::with_capacity(MAX_RXQS),
+            fwd: Fwd {
+                fabric: Fabric {
+                    ports: (0..MAX_PORTS).map(|_| None).collect(),
+                    active: Vec::with_capacity(MAX_PORTS),
+                    macs,
+                    mac_cache: MacCache::new(pmd_holder(index)),
+                    rx: RxScratch::new(pmd_holder(index)),
+                },
+                src: Box::default(),
+                mbufs: MbufBurst::default(),
+                tap_hdr: [0; TAP_HDR_LEN],
+                tap_buf: vec![0u8; MAX_FRAME as usize + 1].into_boxed_slice(),
             },
-            src: Box::default(),
-            mbufs: MbufBurst::default(),
-            tap_hdr: [0; TAP_HDR_LEN],
-            tap_buf: vec![0u8; MAX_FRAME as usize + 1].into_boxed_slice(),
             dpdk_registered: false,
         }
     }
@@ -293,43 +370,90 @@ impl Pmd {
     fn run(mut self) {
         let shared = self.shared.clone();
         let stats = &shared.stats;
-        let mut t0 = tsc::now();
+        let mut t = tsc::now();
         while !shared.stop.load(Ordering::Relaxed) {
             // Quiescent point: between bursts, nothing of any ring is held.
             while let Some(cmd) = shared.cmds.pop() {
                 self.apply(cmd);
             }
-            let moved = self.poll_all();
-            let t1 = tsc::now();
-            let dt = t1.wrapping_sub(t0);
-            t0 = t1;
-            let add = |c: &std::sync::atomic::AtomicU64, n: u64| {
-                c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed)
-            };
+            let (moved, busy) = self.poll_all(&mut t);
             if moved > 0 {
-                add(&stats.busy_cycles, dt);
-                add(&stats.packets, moved as u64);
+                bump(&stats.busy_cycles, busy);
+                bump(&stats.packets, moved as u64);
             } else {
-                add(&stats.idle_cycles, dt);
+                let t1 = tsc::now();
+                bump(&stats.idle_cycles, t1.wrapping_sub(t));
+                t = t1;
                 // Nothing to do: PAUSE gives the pipeline to a sibling hyperthread (often the
                 // guest's own vCPU thread) and stops this loop hammering lines the guest writes.
                 std::hint::spin_loop();
             }
-            add(&stats.iterations, 1);
+            bump(&stats.iterations, 1);
         }
+    }
+
+    /// One pass over every rx queue; returns the frames moved and the busy cycles that took.
+    /// `t`: the TSC at the start, advanced to the end of the pass if it moved frames.
+    ///
+    /// The pass's cycles are shared among the queues by the frames each moved: reading the
+    /// TSC around every queue's burst instead cost 25 cycles a frame in the v2v loop (the
+    /// reads order themselves behind the burst's cache misses).
+    #[inline]
+    fn poll_all(&mut self, t: &mut u64) -> (usize, u64) {
+        let (mut moved, mut busy_queues) = (0, 0);
+        for i in 0..self.rxqs.len() {
+            let n = self.poll(i);
+            self.rxqs[i].burst = n as u32;
+            if n > 0 {
+                moved += n;
+                busy_queues += 1;
+            }
+        }
+        if moved == 0 {
+            return (0, 0);
+        }
+        let t1 = tsc::now();
+        let busy = t1.wrapping_sub(*t);
+        *t = t1;
+        for q in self.rxqs.iter().filter(|q| q.burst > 0) {
+            let share = match busy_queues {
+                1 => busy,
+                _ => (busy as u128 * q.burst as u128 / moved as u128) as u64,
+            };
+            bump(&q.load.busy_cycles, share);
+            bump(&q.load.packets, q.burst as u64);
+        }
+        (moved, busy)
+    }
+
+    /// One burst from rx queue `i`; what it delivered is published (and the destination
+    /// queues let go) before it returns.
+    #[inline]
+    fn poll(&mut self, i: usize) -> usize {
+        let rxq = &mut self.rxqs[i];
+        let (port, queue) = (rxq.port, rxq.queue);
+        let n = match &mut rxq.source {
+            Source::Vhost { ring, features } => match &mut **ring {
+                Virtq::Split(r) => self.fwd.switch_ring(port, queue, r, *features),
+                Virtq::Packed(r) => self.fwd.switch_packed(port, queue, r, *features),
+            },
+            Source::Eth => self.fwd.eth_burst(port, queue),
+            Source::Tap => self.fwd.tap_burst(port, queue as usize),
+        };
+        self.fwd.fabric.release_held();
+        n
     }
 
     #[cold]
     fn apply(&mut self, cmd: Command) {
-        let f = &mut self.fabric;
+        let f = &mut self.fwd.fabric;
         let (reply, back) = match cmd {
             Command::AddPort(port, reply) => {
-                if matches!(port, PortRt::Eth(_)) && !self.dpdk_registered {
+                if matches!(*port, Port::Eth(_)) && !self.dpdk_registered {
                     self.dpdk_registered = true;
                     crate::dpdk::register_thread();
                 }
                 let id = port.id();
-                f.macs.forget_port(id);
                 if let Some(slot) = f.ports.get_mut(id.0 as usize) {
                     if slot.is_none() {
                         f.active.push(id);
@@ -340,31 +464,37 @@ impl Pmd {
             }
             Command::RemovePort(id, reply) => {
                 f.active.retain(|&p| p != id);
-                f.macs.forget_port(id);
-                let mut port = f.ports.get_mut(id.0 as usize).and_then(Option::take);
-                // Nothing the PMD queued may outlive its hold on the port.
-                if let Some(p) = port.as_mut() {
-                    p.flush();
-                }
-                f.rx.dirty.retain(|&p| p != id);
-                (reply, port.map(Returned::Port))
+                // Control keeps its own reference: the port is dropped there.
+                f.ports.get_mut(id.0 as usize).and_then(Option::take);
+                (reply, None)
             }
-            Command::SetRing {
+            Command::AddRxq(rxq, reply) => {
+                // Refused by control beforehand; a full list would allocate here.
+                if self.rxqs.len() < MAX_RXQS {
+                    self.rxqs.push(rxq);
+                    (reply, None)
+                } else {
+                    (reply, Some(Returned::Rxq(rxq)))
+                }
+            }
+            Command::RemoveRxq(port, queue, reply) => {
+                let back = self
+                    .rxqs
+                    .iter()
+                    .position(|q| q.port == port && q.queue == queue)
+                    .map(|i| self.rxqs.remove(i));
+                (reply, back.map(Returned::Rxq))
+            }
+            Command::SwapRing {
                 port,
                 queue,
                 features,
                 ring,
                 reply,
             } => {
-                let back = match f.ports.get_mut(port.0 as usize) {
-                    Some(Some(PortRt::Vhost(p))) => {
-                        p.features = features;
-                        match p.slot(queue.0) {
-                            Some(slot) => std::mem::replace(slot, ring),
-                            None => ring,
-                        }
-                    }
-                    _ => ring,
+                let back = match f.ports.get(port.0 as usize).and_then(|p| p.as_deref()) {
+                    Some(p) => p.swap_ring(f.rx.me, queue as usize, features, ring),
+                    None => ring,
                 };
                 (reply, back.map(Returned::Ring))
             }
@@ -374,75 +504,9 @@ impl Pmd {
         }
         reply.done.store(true, Ordering::Release);
     }
+}
 
-    /// One pass over every port's receive side (a guest's TX queues, a device's RX queues);
-    /// each burst's deliveries are published right after it.
-    #[inline]
-    fn poll_all(&mut self) -> usize {
-        let mut moved = 0;
-        for i in 0..self.fabric.active.len() {
-            let id = self.fabric.active[i];
-            let plan = match self.fabric.port_mut(id) {
-                Some(PortRt::Vhost(p)) => PollPlan::Vhost {
-                    tx_queues: p.tx.len(),
-                },
-                Some(PortRt::Eth(p)) => PollPlan::Eth {
-                    dpdk_port: p.dev.port_id,
-                    rx_queues: p.rx_queues,
-                },
-                Some(PortRt::Tap(p)) => PollPlan::Tap {
-                    queues: p.queues.len(),
-                },
-                None => continue,
-            };
-            match plan {
-                PollPlan::Vhost { tx_queues } => {
-                    for q in 0..tx_queues {
-                        moved += self.vhost_burst(id, q);
-                        self.fabric.flush_dirty();
-                    }
-                }
-                PollPlan::Eth {
-                    dpdk_port,
-                    rx_queues,
-                } => {
-                    for q in 0..rx_queues {
-                        moved += self.eth_burst(id, dpdk_port, q);
-                        self.fabric.flush_dirty();
-                    }
-                }
-                PollPlan::Tap { queues } => {
-                    for q in 0..queues {
-                        moved += self.tap_burst(id, q);
-                        self.fabric.flush_dirty();
-                    }
-                }
-            }
-        }
-        moved
-    }
-
-    /// Take up to BURST frames from one guest TX queue and switch them.
-    #[inline]
-    fn vhost_burst(&mut self, src: PortId, q: usize) -> usize {
-        // Take the ring out so the destinations can be borrowed mutably meanwhile.
-        let (mut ring, features) = match self.fabric.port_mut(src) {
-            Some(PortRt::Vhost(p)) => match p.tx[q].take() {
-                Some(r) => (r, p.features),
-                None => return 0,
-            },
-            _ => return 0,
-        };
-        let n = match &mut *ring {
-            Virtq::Split(r) => self.switch_ring(src, q as u16, r, features),
-            Virtq::Packed(r) => self.switch_packed(src, q as u16, r, features),
-        };
-        if let Some(PortRt::Vhost(p)) = self.fabric.port_mut(src) {
-            p.tx[q] = Some(ring);
-        }
-        n
-    }
-
+impl Fwd {
     /// Packed rings out of line: the split-ring path is the one to keep tight.
     #[inline(never)]
     fn switch_packed(
@@ -544,8 +608,11 @@ impl Pmd {
 
     /// Take up to BURST frames from one RX queue of a DPDK port and switch them.
     #[inline]
-    fn eth_burst(&mut self, src: PortId, dpdk_port: u16, q: u16) -> usize {
-        let n = self.mbufs.rx(dpdk_port, q);
+    fn eth_burst(&mut self, src: PortId, q: u16) -> usize {
+        let Some(Port::Eth(p)) = self.fabric.port(src) else {
+            return 0;
+        };
+        let n = self.mbufs.rx(p.dev.port_id, q);
         if n == 0 {
             return 0;
         }
@@ -568,10 +635,8 @@ impl Pmd {
             tally.count(v, len);
         }
         self.mbufs.free_all();
-        if let Some(PortRt::Eth(p)) = self.fabric.port_mut(src) {
-            if let Some(s) = p.from_port.get(q as usize) {
-                tally.publish(s);
-            }
+        if let Some(s) = self.fabric.port(src).and_then(|p| p.from_port(q as usize)) {
+            tally.publish(s);
         }
         n
     }
@@ -579,12 +644,11 @@ impl Pmd {
     /// Read up to BURST frames from one tap queue (one `readv` each) and switch them.
     #[inline]
     fn tap_burst(&mut self, src: PortId, q: usize) -> usize {
-        let fd = match self.fabric.port_mut(src) {
-            Some(PortRt::Tap(p)) => match p.queues.get(q) {
-                Some(t) => t.fd(),
-                None => return 0,
-            },
-            _ => return 0,
+        let Some(Port::Tap(p)) = self.fabric.port(src) else {
+            return 0;
+        };
+        let Some(fd) = p.queues.get(q).map(|t| t.fd()) else {
+            return 0;
         };
         let mut tally = Tally::default();
         while (tally.packets as usize) < BURST {
@@ -601,10 +665,8 @@ impl Pmd {
             let v = self.forward_with_header(src, q as u16, &hdr, 0, len);
             tally.count(v, len);
         }
-        if let Some(PortRt::Tap(p)) = self.fabric.port_mut(src) {
-            if let Some(s) = p.from_port.get(q) {
-                tally.publish(s);
-            }
+        if let Some(s) = self.fabric.port(src).and_then(|p| p.from_port(q)) {
+            tally.publish(s);
         }
         tally.packets as usize
     }
@@ -612,19 +674,15 @@ impl Pmd {
 
 impl Fabric {
     #[inline]
-    fn port_mut(&mut self, id: PortId) -> Option<&mut PortRt> {
-        self.ports.get_mut(id.0 as usize)?.as_mut()
+    fn port(&self, id: PortId) -> Option<&Port> {
+        self.ports.get(id.0 as usize)?.as_deref()
     }
 
-    /// Publish what the last burst queued at its destinations: the sooner a guest sees its
-    /// frames, the sooner it refills and sends.
+    /// Publish what the last burst delivered and let go of the destination queues: the
+    /// sooner a guest sees its frames, the sooner it refills and sends.
     #[inline]
-    fn flush_dirty(&mut self) {
-        for id in self.rx.dirty.drain(..) {
-            if let Some(p) = self.ports[id.0 as usize].as_mut() {
-                p.flush();
-            }
-        }
+    fn release_held(&mut self) {
+        release_held(&self.ports, &mut self.rx)
     }
 
     /// Switch one frame that arrived on port `src`.
@@ -639,19 +697,19 @@ impl Fabric {
         let mut eth = [0u8; 12];
         gather(f.segs, f.skip, &mut eth);
         let (dst_mac, src_mac) = eth.split_at(6);
-        self.macs.learn(src_mac, src);
+        self.macs.learn(&mut self.mac_cache, src_mac, src);
 
         if !is_multicast(dst_mac) {
-            if let Some(dst) = self.macs.lookup(dst_mac) {
+            if let Some(dst) = self.macs.lookup(&mut self.mac_cache, dst_mac) {
                 if dst == src {
                     return Verdict::NoDestination;
                 }
-                let Some(port) = self.ports.get_mut(dst.0 as usize).and_then(|p| p.as_mut()) else {
+                let Some(port) = self.ports.get(dst.0 as usize).and_then(|p| p.as_deref()) else {
                     return Verdict::NoDestination;
                 };
-                return match port.deliver(f, &mut self.rx) {
+                return match deliver(&self.ports, &mut self.rx, port, f) {
                     Delivery::Delivered => Verdict::Forwarded,
-                    Delivery::NoQueue => Verdict::NoDestination,
+                    Delivery::NoQueue | Delivery::Busy => Verdict::NoDestination,
                     Delivery::Refused => Verdict::Undelivered,
                     Delivery::BadOffload => Verdict::BadOffload,
                 };
@@ -664,14 +722,14 @@ impl Fabric {
             if id == src {
                 continue;
             }
-            let Some(port) = self.ports[id.0 as usize].as_mut() else {
+            let Some(port) = self.ports[id.0 as usize].as_deref() else {
                 continue;
             };
-            match port.deliver(f, &mut self.rx) {
+            match deliver(&self.ports, &mut self.rx, port, f) {
                 Delivery::Delivered => delivered = true,
                 Delivery::Refused => refused = true,
                 Delivery::BadOffload => bad = true,
-                Delivery::NoQueue => {}
+                Delivery::NoQueue | Delivery::Busy => {}
             }
         }
         match (delivered, bad, refused) {
@@ -683,10 +741,41 @@ impl Fabric {
     }
 }
 
+/// Publish what was delivered into the queues `rx` holds and let go of them.
+#[inline]
+fn release_held(ports: &[Option<Arc<Port>>], rx: &mut RxScratch) {
+    for (id, q) in rx.held.drain(..) {
+        if let Some(p) = ports[id.0 as usize].as_deref() {
+            // SAFETY: listed in `held`, so this PMD holds the queue; no reference from the
+            // burst's deliveries is alive any more.
+            unsafe { p.flush_and_release(q as usize) };
+        }
+    }
+}
+
+/// Offer a frame to `port`; when another PMD holds the queue it needs, let go of everything
+/// this one holds (so two PMDs never wait on each other) and try again.
+#[inline]
+fn deliver(ports: &[Option<Arc<Port>>], rx: &mut RxScratch, port: &Port, f: &Frame) -> Delivery {
+    loop {
+        match port.deliver(f, rx) {
+            Delivery::Busy => wait_busy(ports, rx),
+            d => return d,
+        }
+    }
+}
+
+#[cold]
+fn wait_busy(ports: &[Option<Arc<Port>>], rx: &mut RxScratch) {
+    release_held(ports, rx);
+    std::hint::spin_loop();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::port::VhostPortRt;
+    use crate::port::{VhostPort, VhostRxq};
+    use crate::txlock::TxLock;
     use crate::virtq::mock::MockGuest;
     use crate::virtq::VIRTQ_DESC_F_NEXT;
 
@@ -719,35 +808,68 @@ mod tests {
             stats: PmdStats::default(),
             stop: AtomicBool::new(false),
         });
-        let mut pmd = Pmd::new(shared);
+        let mut pmd = Pmd::new(shared, 0, Arc::new(MacTable::new(64)));
         let mut guests = Vec::new();
         for (i, &f) in features.iter().enumerate() {
             let g = Guest {
                 tx: MockGuest::new(64),
                 rx: MockGuest::new(64),
             };
-            let mut p = VhostPortRt::new(PortId(i as u16), 1);
-            p.features = f;
-            p.rx[0] = Some(Box::new(g.rx.ring(false).into()));
-            p.tx[0] = Some(Box::new(g.tx.ring(false).into()));
-            pmd.apply(Command::AddPort(
-                p.into(),
-                Arc::new(Reply {
-                    done: AtomicBool::new(false),
-                    returned: ArrayQueue::new(1),
-                }),
+            let id = PortId(i as u16);
+            let mut port = VhostPort::port(id, 1);
+            let Port::Vhost(p) = &mut port else {
+                unreachable!()
+            };
+            *p.rx[0].get_mut() = VhostRxq {
+                ring: Some(Box::new(g.rx.ring(false).into())),
+                features: f,
+            };
+            pmd.apply(Command::AddPort(Arc::new(port), reply()));
+            let source = Source::Vhost {
+                ring: Box::new(g.tx.ring(false).into()),
+                features: f,
+            };
+            pmd.apply(Command::AddRxq(
+                Rxq::new(id, 0, source, Arc::default()),
+                reply(),
             ));
             guests.push(g);
         }
         (pmd, guests)
     }
 
+    fn reply() -> Arc<Reply> {
+        Arc::new(Reply {
+            done: AtomicBool::new(false),
+            returned: ArrayQueue::new(1),
+        })
+    }
+
+    impl Pmd {
+        fn pass(&mut self) -> usize {
+            self.poll_all(&mut tsc::now()).0
+        }
+    }
+
+    /// The counters of port `port`'s guest TX queue (`tx`) or RX queue.
     fn stats(pmd: &Pmd, port: usize, tx: bool) -> crate::stats::QueueCounters {
-        let Some(PortRt::Vhost(p)) = pmd.fabric.ports[port].as_ref() else {
+        if tx {
+            let q = pmd.rxqs.iter().find(|q| q.port.0 as usize == port).unwrap();
+            let Source::Vhost { ring, .. } = &q.source else {
+                panic!()
+            };
+            return ring.stats().snapshot();
+        }
+        rx_queue(pmd, port).with(pmd.fwd.fabric.rx.me, |q| {
+            q.ring.as_ref().unwrap().stats().snapshot()
+        })
+    }
+
+    fn rx_queue(pmd: &Pmd, port: usize) -> &TxLock<VhostRxq> {
+        let Some(Port::Vhost(p)) = pmd.fwd.fabric.ports[port].as_deref() else {
             panic!("port {port} is not a vhost port")
         };
-        let r = if tx { &p.tx[0] } else { &p.rx[0] };
-        r.as_ref().unwrap().stats().snapshot()
+        &p.rx[0]
     }
 
     #[test]
@@ -762,7 +884,7 @@ mod tests {
         let f = frame(0x22, 0x11, 100);
         g[0].tx
             .add_chain(&[f[..5].to_vec(), f[5..30].to_vec(), f[30..].to_vec()], 0);
-        assert_eq!(pmd.poll_all(), 1);
+        assert_eq!(pmd.pass(), 1);
         for guest in &g[1..3] {
             assert_eq!(guest.rx.used_idx(), 1);
             let (_, len) = guest.rx.used_elem(0);
@@ -772,12 +894,12 @@ mod tests {
         }
         // 2 answers 1's MAC: learned, so unicast to port 0 only.
         g[2].tx.add_chain(&[frame(0x11, 0x22, 64)], 0);
-        pmd.poll_all();
+        pmd.pass();
         assert_eq!(g[0].rx.used_idx(), 1);
         assert_eq!(g[1].rx.used_idx(), 1);
         // Now 0 → 0x22 is known: unicast to port 2.
         g[0].tx.add_chain(&[frame(0x22, 0x11, 64)], 0);
-        pmd.poll_all();
+        pmd.pass();
         assert_eq!(g[2].rx.used_idx(), 2);
         assert_eq!(g[1].rx.used_idx(), 1);
         let s = stats(&pmd, 0, true);
@@ -794,7 +916,7 @@ mod tests {
         let f = frame(0xff, 0x11, 1400);
         g[0].tx
             .add_indirect(&[f[..12].to_vec(), f[12..].to_vec()], 0);
-        pmd.poll_all();
+        pmd.pass();
         assert_eq!(
             g[1].rx.used_idx(),
             3,
@@ -827,7 +949,7 @@ mod tests {
         g[0].tx.publish(a);
         // Fits: delivered.
         g[0].tx.add_chain(&[frame(0xff, 0x11, 200)], 0);
-        assert_eq!(pmd.poll_all(), 5);
+        assert_eq!(pmd.pass(), 5);
         assert_eq!(g[0].tx.used_idx(), 5, "every chain returned");
         let s = stats(&pmd, 0, true);
         assert_eq!(s.packets, 5);
@@ -840,7 +962,7 @@ mod tests {
         assert_eq!((r.packets, r.drop_too_big), (1, 1));
         // No RX buffers left: counted, nothing consumed.
         g[0].tx.add_chain(&[frame(0xff, 0x11, 60)], 0);
-        pmd.poll_all();
+        pmd.pass();
         assert_eq!(stats(&pmd, 1, false).drop_no_rx_buffer, 1);
     }
 
@@ -872,7 +994,7 @@ mod tests {
         hdr.extend([0, 0]);
         g[0].tx
             .add_chain(&[hdr, f[..100].to_vec(), f[100..].to_vec()], 0);
-        assert_eq!(pmd.poll_all(), 1);
+        assert_eq!(pmd.pass(), 1);
         // Port 1 took it as it is: one frame over two buffers, header intact but num_buffers.
         let mut got = Vec::new();
         for i in 0..g[1].rx.used_idx() {
@@ -902,13 +1024,13 @@ mod tests {
         g[2].tx.add_chain(&[frame(0xff, 0x0b, 60)], 0);
         g[0].rx.add_rx(&[2048]);
         g[1].rx.add_rx(&[2048]);
-        pmd.poll_all();
+        pmd.pass();
         let mut bad = h;
         bad.csum_start = 20;
         let mut hdr = bad.bytes().to_vec();
         hdr.extend([0, 0]);
         g[0].tx.add_chain(&[hdr, f.clone()], 0);
-        pmd.poll_all();
+        pmd.pass();
         let s = stats(&pmd, 0, true);
         assert_eq!((s.packets, s.forwarded, s.drop_bad_offload), (2, 1, 1));
         assert_eq!(s.packets, s.forwarded + s.drops());
@@ -921,14 +1043,12 @@ mod tests {
         let (mut pmd, mut g) = switch_with(&[false, false]);
         let file = memfd(0x100);
         let log = DirtyLog::map(file.try_clone().unwrap(), 0x100, 0).unwrap();
-        let Some(PortRt::Vhost(p)) = pmd.fabric.ports[1].as_mut() else {
-            panic!()
-        };
-        p.rx[0] = Some(Box::new(g[1].rx.ring(false).with_log(log, None).into()));
+        let ring = Box::new(g[1].rx.ring(false).with_log(log, None).into());
+        rx_queue(&pmd, 1).with(pmd.fwd.fabric.rx.me, |q| q.ring = Some(ring));
         // One 9000-byte buffer at 0x10_0000 (pages 0x100..=0x102); 5012 bytes are written.
         g[1].rx.add_rx(&[9000]);
         g[0].tx.add_chain(&[frame(0xff, 0x11, 5000)], 0);
-        pmd.poll_all();
+        pmd.pass();
         assert_eq!(g[1].rx.used_elem(0).1, 5012);
         let mut bits = [0u8; 0x100];
         file.read_exact_at(&mut bits, 0).unwrap();

@@ -1,10 +1,12 @@
-//! Ports as their PMD holds them (`PortRt`), and the vhost-user kind in full: the guest's RX and
-//! TX virtqueues and the negotiated net features, plus delivery of one frame into the guest's RX
-//! buffers (mergeable or not). Built by control, moved into the PMD, handed back to control for
-//! teardown. Device-backed kinds (DPDK, tap) live in devport.rs.
+//! Ports as the PMDs share them (`Port`): the side frames are delivered into, each destination
+//! queue behind a `TxLock` a PMD holds for a burst. The vhost-user kind in full: the guest's RX
+//! queues and delivery of one frame into its RX buffers (mergeable or not). Device-backed kinds
+//! (DPDK, tap) live in devport.rs; the source side (rx queues) in pmd.rs.
 
-use crate::devport::{EthPortRt, TapPortRt};
+use crate::devport::{EthPort, TapPort};
 use crate::offload::{self, Frame, OffloadCaps, SoftScratch, VNET_HDR_LEN};
+use crate::stats::QueueStats;
+use crate::txlock::{Holder, TxLock};
 use crate::virtq::copy::Writer;
 use crate::virtq::{PackedRing, SegList, VirtQueue, Virtq};
 use crate::PortId;
@@ -39,164 +41,195 @@ impl Default for NetFeatures {
     }
 }
 
-pub struct VhostPortRt {
-    pub id: PortId,
+/// A guest RX queue as the PMDs deliver into it (behind its `TxLock`).
+#[derive(Default)]
+pub struct VhostRxq {
+    pub ring: Option<Box<Virtq>>,
+    /// What the guest negotiated when the ring was started.
     pub features: NetFeatures,
-    /// Guest RX queues (even virtqueue indices 0, 2, …), indexed by queue pair.
-    pub rx: Box<[Option<Box<Virtq>>]>,
-    /// Guest TX queues (odd virtqueue indices), indexed by queue pair.
-    pub tx: Box<[Option<Box<Virtq>>]>,
-    /// Listed in `RxScratch::dirty`: has used RX entries not yet flushed.
-    pub rx_dirty: bool,
 }
 
-impl VhostPortRt {
-    pub fn new(id: PortId, queue_pairs: usize) -> Box<Self> {
-        Box::new(VhostPortRt {
+/// A vhost-user port's delivery side: the guest's RX queues (even virtqueue indices), each
+/// behind a lock any PMD may take for a burst. Its TX queues are sources (`pmd::Rxq`), each
+/// polled by one PMD.
+pub struct VhostPort {
+    pub id: PortId,
+    pub rx: Box<[TxLock<VhostRxq>]>,
+}
+
+impl VhostPort {
+    /// A guest's port with `queue_pairs` RX queues, none running yet.
+    pub fn port(id: PortId, queue_pairs: usize) -> Port {
+        Port::Vhost(VhostPort {
             id,
-            features: NetFeatures::default(),
-            rx: (0..queue_pairs).map(|_| None).collect(),
-            tx: (0..queue_pairs).map(|_| None).collect(),
-            rx_dirty: false,
+            rx: (0..queue_pairs)
+                .map(|_| TxLock::new(VhostRxq::default()))
+                .collect(),
         })
     }
 
-    /// The slot of virtqueue `index` (even: RX, odd: TX), if the port has that many queues.
-    pub fn slot(&mut self, index: u16) -> Option<&mut Option<Box<Virtq>>> {
-        let pair = (index / 2) as usize;
-        if index.is_multiple_of(2) {
-            self.rx.get_mut(pair)
-        } else {
-            self.tx.get_mut(pair)
+    /// Into an RX queue: the running one numbered as the queue the frame came from (modulo
+    /// the guest's queues), or the next running one.
+    #[inline]
+    fn deliver(&self, f: &Frame, scratch: &mut RxScratch) -> Delivery {
+        let n = self.rx.len();
+        let first = f.queue_among(n);
+        for i in 0..n {
+            let q = if first + i < n {
+                first + i
+            } else {
+                first + i - n
+            };
+            let Some(rxq) = scratch.hold(self.id, q, &self.rx[q]) else {
+                return Delivery::Busy;
+            };
+            let features = rxq.features;
+            let Some(ring) = rxq.ring.as_deref_mut().filter(|r| !r.is_broken()) else {
+                continue;
+            };
+            if f.vnet.is_none() || features.rx_offloads.take(&f.vnet) {
+                return match ring {
+                    Virtq::Split(r) => fill_counted(r, features, f, scratch),
+                    Virtq::Packed(r) => fill_packed(r, features, f, scratch),
+                };
+            }
+            let stats = ring.stats().clone();
+            return deliver_finished(f, scratch, &stats, |frame, scratch| match ring {
+                Virtq::Split(r) => fill_counted(r, features, frame, scratch),
+                Virtq::Packed(r) => fill_packed(r, features, frame, scratch),
+            });
         }
+        Delivery::NoQueue
     }
 
     /// Every ring the port holds, for handing back to control.
     pub fn take_rings(&mut self) -> impl Iterator<Item = Box<Virtq>> + '_ {
-        self.rx
-            .iter_mut()
-            .chain(self.tx.iter_mut())
-            .filter_map(Option::take)
+        self.rx.iter_mut().filter_map(|l| l.get_mut().ring.take())
     }
 }
 
-/// Any port a PMD can poll and deliver to.
-pub enum PortRt {
-    Vhost(Box<VhostPortRt>),
-    Eth(Box<EthPortRt>),
-    Tap(Box<TapPortRt>),
+/// A port as every PMD holds it (shared, `Arc`): what frames are delivered into. Built by
+/// control, handed to every PMD, handed back to control for teardown once all let go.
+pub enum Port {
+    Vhost(VhostPort),
+    Eth(EthPort),
+    Tap(TapPort),
 }
 
-impl From<Box<VhostPortRt>> for PortRt {
-    fn from(p: Box<VhostPortRt>) -> Self {
-        PortRt::Vhost(p)
-    }
-}
-
-impl From<Box<EthPortRt>> for PortRt {
-    fn from(p: Box<EthPortRt>) -> Self {
-        PortRt::Eth(p)
-    }
-}
-
-impl From<Box<TapPortRt>> for PortRt {
-    fn from(p: Box<TapPortRt>) -> Self {
-        PortRt::Tap(p)
-    }
-}
-
-impl PortRt {
+impl Port {
     pub fn id(&self) -> PortId {
         match self {
-            PortRt::Vhost(p) => p.id,
-            PortRt::Eth(p) => p.id,
-            PortRt::Tap(p) => p.id,
+            Port::Vhost(p) => p.id,
+            Port::Eth(p) => p.id,
+            Port::Tap(p) => p.id,
         }
     }
 
-    /// Offer a frame. Deliveries that are only queued (guest used entries, mbufs) list the port
-    /// in `scratch.dirty` for the caller to flush. A frame whose offloads the port does not take
-    /// is finished in software first (offload.rs).
-    #[inline]
-    pub fn deliver(&mut self, f: &Frame, scratch: &mut RxScratch) -> Delivery {
-        if f.vnet.is_none() || self.offloads().take(&f.vnet) {
-            self.deliver_as_is(f, scratch)
-        } else {
-            self.deliver_finished(f, scratch)
-        }
-    }
-
-    #[inline]
-    fn deliver_as_is(&mut self, f: &Frame, scratch: &mut RxScratch) -> Delivery {
+    /// Mark the destination queues only one of `n_pmds` PMDs delivers into: every queue when
+    /// there is one PMD; a DPDK TX queue when there is one per PMD (PMD i sends on queue i).
+    pub fn set_exclusive(&mut self, n_pmds: usize) {
         match self {
-            PortRt::Vhost(p) => deliver(p, f, scratch),
-            PortRt::Eth(p) => p.deliver(f, &mut scratch.dirty),
-            PortRt::Tap(p) => p.deliver(f),
-        }
-    }
-
-    /// The offloads the port takes as they are.
-    #[inline]
-    fn offloads(&self) -> OffloadCaps {
-        match self {
-            PortRt::Vhost(p) => p.features.rx_offloads,
-            // A tap takes any virtio-net header written to it (the kernel segments if need be).
-            PortRt::Tap(_) => OffloadCaps::ALL,
-            PortRt::Eth(_) => OffloadCaps::NONE,
-        }
-    }
-
-    /// Checksums filled in, segments cut, each resulting frame delivered as is.
-    #[cold]
-    fn deliver_finished(&mut self, f: &Frame, scratch: &mut RxScratch) -> Delivery {
-        let Some(mut soft) = scratch.soft.take() else {
-            return Delivery::Refused;
-        };
-        let mut no_queue = false;
-        let made = offload::finish(f, &mut soft, |frame| {
-            match self.deliver_as_is(frame, scratch) {
-                Delivery::Delivered => return true,
-                Delivery::NoQueue => no_queue = true,
-                Delivery::Refused | Delivery::BadOffload => {}
+            Port::Vhost(p) => p.rx.iter_mut().for_each(|l| l.set_exclusive(n_pmds == 1)),
+            Port::Eth(p) => {
+                let own = p.tx.len() >= n_pmds;
+                p.tx.iter_mut().for_each(|l| l.set_exclusive(own))
             }
-            false
-        });
-        scratch.soft = Some(soft);
-        let Ok(made) = made else {
-            return Delivery::BadOffload;
+            Port::Tap(_) => {}
+        }
+    }
+
+    /// Swap guest RX queue `q`'s ring, between bursts, as PMD `me`; returns the old one.
+    pub fn swap_ring(
+        &self,
+        me: Holder,
+        q: usize,
+        features: NetFeatures,
+        ring: Option<Box<Virtq>>,
+    ) -> Option<Box<Virtq>> {
+        let Port::Vhost(p) = self else {
+            return ring;
         };
-        if let Some(s) = self.to_port_stats() {
-            s.add(&s.sw_offload, made.frames as u64);
-        }
-        match made.delivered {
-            0 if no_queue => Delivery::NoQueue,
-            0 => Delivery::Refused,
-            _ => Delivery::Delivered,
-        }
+        let Some(lock) = p.rx.get(q) else {
+            return ring;
+        };
+        lock.with(me, |rxq| {
+            rxq.features = features;
+            std::mem::replace(&mut rxq.ring, ring)
+        })
     }
 
-    /// Where deliveries into the port are counted (for a guest, its first RX queue).
-    fn to_port_stats(&self) -> Option<&crate::stats::QueueStats> {
-        match self {
-            PortRt::Vhost(p) => p.rx.iter().flatten().next().map(|r| &**r.stats()),
-            PortRt::Eth(p) => Some(&p.to_port),
-            PortRt::Tap(p) => Some(&p.to_port),
-        }
-    }
-
-    /// Publish what `deliver` queued.
+    /// Offer a frame. A destination queue another PMD holds gives `Busy` (the caller lets go
+    /// of what it holds and tries again); one taken here stays held, listed in
+    /// `scratch.held`, until the caller flushes it. A frame whose offloads the port does not
+    /// take is finished in software first (offload.rs).
     #[inline]
-    pub fn flush(&mut self) {
+    pub fn deliver(&self, f: &Frame, scratch: &mut RxScratch) -> Delivery {
         match self {
-            PortRt::Vhost(p) => {
-                p.rx_dirty = false;
-                for r in p.rx.iter_mut().flatten() {
+            Port::Vhost(p) => p.deliver(f, scratch),
+            Port::Eth(p) => p.deliver(f, scratch),
+            Port::Tap(p) => p.deliver(f),
+        }
+    }
+
+    /// Publish what was delivered into queue `q` and let go of it.
+    ///
+    /// # Safety
+    /// The caller's PMD holds queue `q` (it is in its `held` list) and no reference into it
+    /// is alive.
+    #[inline]
+    pub unsafe fn flush_and_release(&self, q: usize) {
+        match self {
+            Port::Vhost(p) => {
+                let l = &p.rx[q];
+                // SAFETY: held, per the contract.
+                if let Some(r) = unsafe { l.get() }.ring.as_mut() {
                     r.flush();
                 }
+                l.release();
             }
-            PortRt::Eth(p) => p.flush(),
-            PortRt::Tap(_) => {}
+            Port::Eth(p) => {
+                let l = &p.tx[q];
+                // SAFETY: held, per the contract.
+                unsafe { l.get() }.flush(p.dev.port_id);
+                l.release();
+            }
+            Port::Tap(_) => {}
         }
+    }
+
+    /// The source side's counters of queue `q`, for device ports (a guest's are in its rings).
+    pub fn from_port(&self, q: usize) -> Option<&QueueStats> {
+        match self {
+            Port::Vhost(_) => None,
+            Port::Eth(p) => p.from_port.get(q).map(|s| &**s),
+            Port::Tap(p) => p.from_port.get(q).map(|s| &**s),
+        }
+    }
+}
+
+/// Checksums filled in, segments cut, each resulting frame delivered as is with `each` into
+/// the one queue already chosen (and held); `stats` counts the frames made.
+#[cold]
+pub(crate) fn deliver_finished(
+    f: &Frame,
+    scratch: &mut RxScratch,
+    stats: &QueueStats,
+    mut each: impl FnMut(&Frame, &mut RxScratch) -> Delivery,
+) -> Delivery {
+    let Some(mut soft) = scratch.soft.take() else {
+        return Delivery::Refused;
+    };
+    let made = offload::finish(f, &mut soft, |frame| {
+        matches!(each(frame, scratch), Delivery::Delivered)
+    });
+    scratch.soft = Some(soft);
+    let Ok(made) = made else {
+        return Delivery::BadOffload;
+    };
+    stats.add_shared(&stats.sw_offload, made.frames as u64);
+    match made.delivered {
+        0 => Delivery::Refused,
+        _ => Delivery::Delivered,
     }
 }
 
@@ -211,50 +244,55 @@ pub enum Delivery {
     /// The frame's offload header does not describe it (checksum or TCP headers not where it
     /// says): the source's fault, counted there.
     BadOffload,
+    /// Another PMD holds the destination queue: nothing was done.
+    Busy,
 }
 
-/// Scratch space for RX chains, allocated once per PMD.
+/// Scratch space for deliveries, one per PMD.
 pub struct RxScratch {
     chains: Box<[SegList]>,
-    /// Ports given used RX entries since the owner last flushed them, each listed once.
-    pub dirty: Vec<PortId>,
+    /// This PMD, as a lock holder.
+    pub me: Holder,
+    /// Destination queues (port, queue) this PMD holds since it last flushed, each once.
+    pub held: Vec<(PortId, u16)>,
     /// For frames finished in software; taken out while in use.
     soft: Option<Box<SoftScratch>>,
 }
 
-impl Default for RxScratch {
-    fn default() -> Self {
+impl RxScratch {
+    pub fn new(me: Holder) -> Self {
         RxScratch {
             chains: (0..MAX_RX_CHAINS).map(|_| SegList::default()).collect(),
-            dirty: Vec::with_capacity(crate::pmd::MAX_PORTS),
+            me,
+            held: Vec::with_capacity(crate::pmd::MAX_PORTS * 2),
             soft: Some(Box::default()),
         }
     }
-}
 
-/// Copy a frame with its virtio-net header into an RX queue of `port`: the running one
-/// numbered as the queue it came from (modulo the guest's queues), or the next running one.
-/// Used entries are written but not published: the port is listed in `scratch.dirty` for the
-/// caller to flush once per burst.
-#[inline]
-pub fn deliver(port: &mut VhostPortRt, f: &Frame, scratch: &mut RxScratch) -> Delivery {
-    let features = port.features;
-    let (before, from) = port.rx.split_at_mut(f.queue_among(port.rx.len()));
-    let Some(ring) = from
-        .iter_mut()
-        .chain(before.iter_mut())
-        .flatten()
-        .find(|r| !r.is_broken())
-    else {
-        return Delivery::NoQueue;
-    };
-    if !port.rx_dirty {
-        port.rx_dirty = true;
-        scratch.dirty.push(port.id);
+    /// Which PMD this is (0, 1, …).
+    #[inline]
+    pub fn pmd_index(&self) -> usize {
+        self.me as usize - 1
     }
-    match &mut **ring {
-        Virtq::Split(r) => fill_counted(r, features, f, scratch),
-        Virtq::Packed(r) => fill_packed(r, features, f, scratch),
+
+    /// Queue `q` of `port`, held by this PMD from now until the next flush; None if another
+    /// PMD holds it. The reference must be dropped before the next `hold` of the same queue.
+    #[inline]
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) fn hold<'a, T>(
+        &mut self,
+        port: PortId,
+        q: usize,
+        lock: &'a TxLock<T>,
+    ) -> Option<&'a mut T> {
+        if !lock.held_by(self.me) {
+            if !lock.try_hold(self.me) {
+                return None;
+            }
+            self.held.push((port, q as u16));
+        }
+        // SAFETY: held by this PMD; callers keep one reference per queue at a time.
+        Some(unsafe { lock.get() })
     }
 }
 

@@ -55,6 +55,13 @@ impl QueueStats {
         c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
     }
 
+    /// Increment by any of several writers (a tap queue every PMD writes; the cold
+    /// software-offload counter).
+    #[inline]
+    pub fn add_shared(&self, c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> QueueCounters {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
         QueueCounters {

@@ -11,23 +11,23 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use control::vhost_user::VhostUserDevice;
-use dataplane::pmd::PmdHandle;
-use dataplane::port::VhostPortRt;
+use dataplane::port::VhostPort;
+use dataplane::sched::Dataplane;
 use dataplane::stats::QueueStats;
-use dataplane::{CoreId, PortId};
+use dataplane::PortId;
 use libfuzzer_sys::fuzz_target;
 
 const QUEUE_PAIRS: usize = 2;
 
 /// One PMD for the whole run, on the last CPU, holding port 0.
-fn pmd() -> Arc<PmdHandle> {
-    static PMD: OnceLock<Arc<PmdHandle>> = OnceLock::new();
+fn pmd() -> Arc<Dataplane> {
+    static PMD: OnceLock<Arc<Dataplane>> = OnceLock::new();
     PMD.get_or_init(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let pmd = Arc::new(PmdHandle::spawn(CoreId(cores - 1)).expect("PMD"));
-        pmd.add_port(VhostPortRt::new(PortId(0), QUEUE_PAIRS))
+        let dp = Dataplane::start(&[cores - 1], Default::default(), None).expect("PMD");
+        dp.add_port(VhostPort::port(PortId(0), QUEUE_PAIRS), &[])
             .expect("port");
-        pmd
+        Arc::new(dp)
     })
     .clone()
 }

@@ -13,8 +13,9 @@ use std::sync::Arc;
 
 use dataplane::guest_mem::{MemTable, RegionDesc};
 use dataplane::offload::{Frame, OffloadCaps, VnetHdr, VNET_HDR_LEN};
-use dataplane::port::{Delivery, NetFeatures, PortRt, RxScratch, VhostPortRt};
+use dataplane::port::{Delivery, NetFeatures, Port, RxScratch, VhostPort, VhostRxq};
 use dataplane::stats::QueueStats;
+use dataplane::txlock::pmd_holder;
 use dataplane::virtq::copy::gather;
 use dataplane::virtq::split::RingAddrs;
 use dataplane::virtq::{PackedRing, SegList, SplitRing, VirtQueue, Virtq};
@@ -115,17 +116,21 @@ fuzz_target!(|data: &[u8]| {
         .expect("rings are placed validly")
     };
     let mut tx = ring(TX, qsize(cfg[0]));
-    let mut vport = VhostPortRt::new(PortId(1), 1);
-    vport.features = features;
-    vport.rx[0] = Some(Box::new(ring(RX, qsize(cfg[1]))));
-    let rx_stats = vport.rx[0]
-        .as_ref()
-        .map(|r| r.stats().clone())
-        .expect("rx ring");
-    let mut port = PortRt::Vhost(vport);
+    let rx = ring(RX, qsize(cfg[1]));
+    let rx_stats = rx.stats().clone();
+    let mut port = VhostPort::port(PortId(1), 1);
+    let Port::Vhost(p) = &mut port else {
+        unreachable!()
+    };
+    *p.rx[0].get_mut() = VhostRxq {
+        ring: Some(Box::new(rx)),
+        features,
+    };
+    // The ring marks itself broken (avail index jump) in its counters.
+    let broken = || rx_stats.ring_broken.load(Ordering::Relaxed) != 0;
 
     let mut src = Box::<SegList>::default();
-    let mut scratch = RxScratch::default();
+    let mut scratch = RxScratch::new(pmd_holder(0));
     // Frames offered as they are, and frames whose offloads were finished in software first (the
     // RX side then counts each frame made of them, as `sw_offload`).
     let (mut offered, mut finished) = (0u64, 0u64);
@@ -169,7 +174,7 @@ fuzz_target!(|data: &[u8]| {
                 let as_is = vnet.is_none() || rx_offloads.take(&vnet);
                 match port.deliver(&f, &mut scratch) {
                     // Only a ring marked broken (avail index jump) stops taking frames.
-                    Delivery::NoQueue => assert!(broken(&port)),
+                    Delivery::NoQueue => assert!(broken()),
                     Delivery::BadOffload => assert!(!as_is),
                     _ if as_is => offered += 1,
                     _ => finished += 1,
@@ -180,9 +185,11 @@ fuzz_target!(|data: &[u8]| {
             Virtq::Split(r) => tx_burst(r, hdr, &mut src, &mut on_frame),
             Virtq::Packed(r) => tx_burst(r, hdr, &mut src, &mut on_frame),
         }
-        for id in scratch.dirty.drain(..) {
+        for (id, q) in scratch.held.drain(..) {
             assert_eq!(id, PortId(1));
-            port.flush();
+            // SAFETY: listed in `held`: this scratch's PMD holds the queue, and no reference
+            // into it is alive between bursts.
+            unsafe { port.flush_and_release(q as usize) };
         }
     }
     // Every frame offered to the RX ring was delivered or counted as a drop.
@@ -192,9 +199,9 @@ fuzz_target!(|data: &[u8]| {
         + s.drop_too_big.load(Ordering::Relaxed)
         + s.drop_bad_descriptor.load(Ordering::Relaxed);
     let made = s.sw_offload.load(Ordering::Relaxed);
-    assert!(made >= finished || broken(&port));
+    assert!(made >= finished || broken());
     // A ring found broken half-way through a finished frame's pieces takes no more of them.
-    if broken(&port) {
+    if broken() {
         assert!(delivered + dropped <= offered + made);
     } else {
         assert_eq!(delivered + dropped, offered + made);
@@ -216,11 +223,4 @@ fn tx_burst<R: VirtQueue>(tx: &mut R, hdr: u32, src: &mut SegList, frame: impl F
     }
     tx.advance(n);
     tx.flush();
-}
-
-fn broken(port: &PortRt) -> bool {
-    match port {
-        PortRt::Vhost(p) => p.rx.iter().flatten().all(|r| r.is_broken()),
-        _ => unreachable!(),
-    }
 }
