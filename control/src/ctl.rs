@@ -1,5 +1,5 @@
 //! The control socket: a unix socket taking one-line commands (`stats`, `stats-json`,
-//! `pmd-stats-show`, `pmd-rxq-show`, `rebalance`, `add-port FILE`, `del-port NAME`) and the
+//! `pmd-stats-show`, `pmd-rxq-show`, `rebalance`, `pin`, `add-port FILE`, `del-port NAME`) and the
 //! `ringswitch ctl` client for it. The server runs on its own control thread.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -53,12 +53,16 @@ fn answer(s: UnixStream, sw: &Switch) -> anyhow::Result<()> {
         "del-port" => done(sw.del_port(arg), format!("removed port {arg}")),
         "pmd-stats-show" => format_pmds(&stats_json(sw)),
         "pmd-rxq-show" => format_rxqs(&stats_json(sw)),
+        "pin" => match pin(sw, arg) {
+            Ok(s) => s,
+            Err(e) => format!("error: {e:#}\n"),
+        },
         "rebalance" => match rebalance(sw, arg) {
             Ok(s) => s,
             Err(e) => format!("error: {e:#}\n"),
         },
         _ => format!(
-            "error: unknown command {line:?} (try: stats, stats-json, pmd-stats-show, pmd-rxq-show, rebalance [roundrobin|cycles], add-port FILE, del-port NAME)\n"
+            "error: unknown command {line:?} (try: stats, stats-json, pmd-stats-show, pmd-rxq-show, rebalance [roundrobin|cycles], pin PORT QUEUE CORE|none, add-port FILE, del-port NAME)\n"
         ),
     };
     (&s).write_all(reply.as_bytes())?;
@@ -180,6 +184,24 @@ fn rebalance(sw: &Switch, policy: &str) -> anyhow::Result<String> {
         );
     }
     Ok(out)
+}
+
+/// `pin PORT QUEUE CORE|none`: pin an rx queue to a PMD's core (or unpin it), moving it now.
+fn pin(sw: &Switch, args: &str) -> anyhow::Result<String> {
+    let a: Vec<&str> = args.split_whitespace().collect();
+    let [port, queue, core] = a[..] else {
+        anyhow::bail!("usage: pin PORT QUEUE CORE|none");
+    };
+    let id = sw
+        .port_id(port)
+        .with_context(|| format!("no running port {port:?}"))?;
+    let queue: u16 = queue.parse().context("QUEUE")?;
+    let core = match core {
+        "none" => None,
+        c => Some(c.parse().context("CORE")?),
+    };
+    let moves = sw.dp.pin(id, queue, core)?;
+    Ok(format!("ok: {} rx queue(s) moved\n", moves.len()))
 }
 
 /// `pmd-stats-show`, as OVS prints it: per PMD, packets, cycles per packet, busy and idle.

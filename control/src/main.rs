@@ -56,6 +56,12 @@ enum CtlCmd {
     /// Reassign the rx queues to the PMDs now, by the configured policy or the one named
     /// (roundrobin or cycles).
     Rebalance { policy: Option<String> },
+    /// Pin an rx queue of a port to a PMD core ("none": unpin) and move it there now.
+    Pin {
+        port: String,
+        queue: u16,
+        core: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,6 +82,7 @@ fn main() -> anyhow::Result<()> {
                 CtlCmd::DelPort { name } => format!("del-port {name}"),
                 CtlCmd::PmdStatsShow => "pmd-stats-show".into(),
                 CtlCmd::PmdRxqShow => "pmd-rxq-show".into(),
+                CtlCmd::Pin { port, queue, core } => format!("pin {port} {queue} {core}"),
                 CtlCmd::Rebalance { policy } => {
                     format!("rebalance {}", policy.unwrap_or_default())
                 }

@@ -175,6 +175,15 @@ impl Switch {
         }
     }
 
+    /// The id of the running port named `name` (for `ctl`).
+    pub fn port_id(&self, name: &str) -> Option<PortId> {
+        self.ports()
+            .list
+            .iter()
+            .find(|p| p.config.name == name && p.started)
+            .map(|p| p.id)
+    }
+
     /// The name of the port with id `id` (for `ctl`).
     pub fn port_name(&self, id: PortId) -> String {
         self.ports()

@@ -103,6 +103,16 @@ pub struct Dataplane {
     state: Mutex<State>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("core {0} runs no PMD")]
+    NoPmd(usize),
+    #[error("the port has no rx queue {0} (a guest's queue exists once it started)")]
+    NoQueue(u16),
+    #[error(transparent)]
+    Pmd(#[from] PmdError),
+}
+
 /// A queue that changed PMD in a rebalance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Move {
@@ -366,6 +376,33 @@ impl Dataplane {
         let plan = plan(&st, self.pmds.len(), policy.unwrap_or(self.assign));
         st.last_rebalance = Instant::now();
         self.apply(&mut st, &plan)
+    }
+
+    /// Pin rx queue `queue` of `port` to the PMD on `core` (None: unpin), and move it there
+    /// now (`ctl pin`, as setting OVS's pmd-rxq-affinity at run time). Other queues move on
+    /// the next rebalance (a newly pinned PMD then gives up the queues not pinned to it).
+    pub fn pin(
+        &self,
+        port: PortId,
+        queue: u16,
+        core: Option<usize>,
+    ) -> Result<Vec<Move>, PinError> {
+        let mut st = self.state();
+        let to = match core {
+            Some(c) => Some(self.pmd_on(c).ok_or(PinError::NoPmd(c))?),
+            None => None,
+        };
+        let i = st
+            .rxqs
+            .iter()
+            .position(|e| e.port == port && e.queue == queue)
+            .ok_or(PinError::NoQueue(queue))?;
+        st.rxqs[i].pinned = to;
+        let mut plan: Vec<usize> = st.rxqs.iter().map(|e| e.pmd).collect();
+        if let Some(to) = to {
+            plan[i] = to;
+        }
+        Ok(self.apply(&mut st, &plan)?)
     }
 
     /// Move each queue to the PMD `plan` gives it (indexed like `st.rxqs`).

@@ -59,13 +59,18 @@ impl Switch {
         Switch::with_config(tag, "", &vhost_ports(ports))
     }
 
-    /// Start ringswitch (PMD on CPU 1) with `dataplane` lines added to `[dataplane]` and the
-    /// `ports` tables; `{dir}` in either stands for the test's directory.
+    /// Start ringswitch (PMD on CPU 1 unless `dataplane` names `pmd_cores`) with `dataplane`
+    /// lines added to `[dataplane]` and the `ports` tables; `{dir}` in either stands for the
+    /// test's directory.
     pub fn with_config(tag: &str, dataplane: &str, ports: &str) -> Switch {
         let dir = tmpdir(tag);
         let d = dir.display().to_string();
+        let pmd = match dataplane.contains("pmd_cores") {
+            true => "",
+            false => "pmd_cores = [1]\n",
+        };
         let cfg = format!(
-            "[dataplane]\npmd_cores = [1]\ncontrol_socket = \"{d}/ctl.sock\"\n{}\n{}",
+            "[dataplane]\n{pmd}control_socket = \"{d}/ctl.sock\"\n{}\n{}",
             dataplane.replace("{dir}", &d),
             ports.replace("{dir}", &d)
         );
