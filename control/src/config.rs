@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use dataplane::pmd::Model;
 use dataplane::sched::{Assign, AutoLb};
 use serde::Deserialize;
 
@@ -56,6 +57,11 @@ struct DataplaneSection {
     ports_dir: Option<PathBuf>,
     /// DPDK EAL arguments, used only if a `dpdk` port exists. Default: DEFAULT_EAL_ARGS.
     eal_args: Option<Vec<String>>,
+    /// What a PMD does when it has nothing to do: `rtc` busy-polls, `adaptive` sleeps.
+    #[serde(default)]
+    model: ModelName,
+    /// Adaptive model: microseconds without a frame before a PMD sleeps.
+    adaptive_idle_us: Option<u32>,
     /// How rx queues not pinned are spread over the PMDs.
     #[serde(default)]
     rxq_assign: RxqAssign,
@@ -68,6 +74,15 @@ struct DataplaneSection {
     auto_lb_improvement: Option<u32>,
     /// Seconds between rebalances, at most one per interval.
     auto_lb_interval: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum ModelName {
+    #[default]
+    Rtc,
+    Adaptive,
+    Pipeline,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, Default)]
@@ -206,6 +221,7 @@ pub enum VhostMode {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub pmd_cores: Vec<usize>,
+    pub model: Model,
     pub rxq_assign: Assign,
     pub auto_lb: Option<AutoLb>,
     pub control_socket: PathBuf,
@@ -224,6 +240,9 @@ pub struct PortConfig {
     /// The file it came from, for error messages.
     pub file: PathBuf,
 }
+
+/// Adaptive model: idle time before a PMD sleeps, unless the config says otherwise.
+pub const DEFAULT_ADAPTIVE_IDLE_US: u32 = 200;
 
 /// Descriptors per DPDK queue unless the port file says otherwise.
 pub const DEFAULT_DPDK_DESC: u16 = 1024;
@@ -340,6 +359,35 @@ fn validate(
             v => v.unwrap_or(60),
         }),
     };
+    let model = match dp.model {
+        ModelName::Rtc => Model::Rtc,
+        ModelName::Adaptive => Model::Adaptive {
+            idle_us: match dp.adaptive_idle_us {
+                Some(n) if !(1..=1_000_000).contains(&n) => {
+                    return Err(invalid(
+                        main_file,
+                        "dataplane.adaptive_idle_us",
+                        format!("{n}: must be 1..=1000000 (microseconds)"),
+                    ))
+                }
+                v => v.unwrap_or(DEFAULT_ADAPTIVE_IDLE_US),
+            },
+        },
+        ModelName::Pipeline => {
+            return Err(invalid(
+                main_file,
+                "dataplane.model",
+                "\"pipeline\" is not built yet (models: \"rtc\", \"adaptive\")".into(),
+            ))
+        }
+    };
+    if dp.adaptive_idle_us.is_some() && dp.model != ModelName::Adaptive {
+        return Err(invalid(
+            main_file,
+            "dataplane.adaptive_idle_us",
+            "applies only to model = \"adaptive\"".into(),
+        ));
+    }
     let mut set = PortSet::default();
     let mut out = Vec::new();
     for (p, file) in ports {
@@ -356,6 +404,7 @@ fn validate(
         ));
     }
     Ok(Config {
+        model,
         rxq_assign: match dp.rxq_assign {
             RxqAssign::Roundrobin => Assign::RoundRobin,
             RxqAssign::Cycles => Assign::Cycles,

@@ -98,7 +98,7 @@ pub fn stats_json(sw: &Switch) -> Value {
                 "busy_pct": 100.0 * s.busy_cycles as f64 / total as f64,
                 "busy_pct_last": p.busy_pct,
                 "cycles_per_packet": s.busy_cycles as f64 / s.packets.max(1) as f64,
-                "rx_queues": p.rxqs, "isolated": p.isolated,
+                "rx_queues": p.rxqs, "isolated": p.isolated, "sleeps": s.sleeps,
                 "tsc_hz": sw.tsc_hz,
             })
         })
@@ -212,7 +212,7 @@ fn format_pmds(v: &Value) -> String {
     for p in v["pmds"].as_array().into_iter().flatten() {
         let hz = n(&p["tsc_hz"]).max(1) as f64;
         out += &format!(
-            "pmd thread core {}{}:\n  rx queues: {}\n  packets: {}\n  busy cycles: {} ({:.2}%)\n  idle cycles: {} ({:.2}%)\n  avg cycles per packet: {:.1}\n  busy in the last second: {:.1}%\n  running for: {:.1} s\n",
+            "pmd thread core {}{}:\n  rx queues: {}\n  packets: {}\n  busy cycles: {} ({:.2}%)\n  idle cycles: {} ({:.2}%)\n  avg cycles per packet: {:.1}\n  busy in the last second: {:.1}%\n  sleeps (adaptive): {}\n  running for: {:.1} s\n",
             p["core"],
             if p["isolated"] == true { " (isolated)" } else { "" },
             n(&p["rx_queues"]),
@@ -223,6 +223,7 @@ fn format_pmds(v: &Value) -> String {
             100.0 - f(&p["busy_pct"]),
             f(&p["cycles_per_packet"]),
             f(&p["busy_pct_last"]),
+            n(&p["sleeps"]),
             (n(&p["busy_cycles"]) + n(&p["idle_cycles"])) as f64 / hz,
         );
     }

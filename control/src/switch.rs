@@ -67,6 +67,7 @@ impl Switch {
     pub fn start(cfg: &Config) -> anyhow::Result<Switch> {
         let dp = Arc::new(Dataplane::start(
             &cfg.pmd_cores,
+            cfg.model,
             cfg.rxq_assign,
             cfg.auto_lb,
         )?);

@@ -188,8 +188,12 @@ impl VhostUserDevice {
             _ => ring,
         };
         let q = QueueIdx(index as u16);
+        let kick = match &v.kick {
+            Some(f) if !q.is_guest_rx() => Some(f.try_clone().map_err(VuError::ReqHandlerError)?),
+            _ => None,
+        };
         // Anything it replaced is dropped here, on control, after the PMD let go of it.
-        drop(self.pmd_set(q, features, Some(Box::new(ring)))?);
+        drop(self.pmd_set(q, features, Some(Box::new(ring)), kick)?);
         self.vrings[index].running = true;
         log::debug!(
             "port {}: vring {index} started at {}",
@@ -205,7 +209,7 @@ impl VhostUserDevice {
             return Ok(());
         }
         let features = self.net_features();
-        let back = self.pmd_set(QueueIdx(index as u16), features, None)?;
+        let back = self.pmd_set(QueueIdx(index as u16), features, None, None)?;
         let v = &mut self.vrings[index];
         if let Some(ring) = back {
             v.base = ring.base();
@@ -219,9 +223,10 @@ impl VhostUserDevice {
         q: QueueIdx,
         features: NetFeatures,
         ring: Option<Box<Virtq>>,
+        kick: Option<File>,
     ) -> VuResult<Option<Box<Virtq>>> {
         self.dp
-            .set_ring(self.id, q, features, ring)
+            .set_ring(self.id, q, features, ring, kick)
             .map_err(|e| req_err(format!("port {}: {e}", self.name)))
     }
 
@@ -560,7 +565,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
 /// A device for unit tests: port 0 with one queue pair on a PMD of its own on CPU 0.
 #[cfg(test)]
 pub(crate) fn test_device(name: &str) -> VhostUserDevice {
-    let dp = Dataplane::start(&[0], Default::default(), None).unwrap();
+    let dp = Dataplane::start(&[0], Default::default(), Default::default(), None).unwrap();
     dp.add_port(dataplane::port::VhostPort::port(PortId(0), 1), &[])
         .unwrap();
     let stats = (0..2).map(|_| Arc::new(QueueStats::default())).collect();

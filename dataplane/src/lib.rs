@@ -20,6 +20,7 @@ pub mod tap;
 pub mod tsc;
 pub mod txlock;
 pub mod virtq;
+pub mod waiter;
 
 /// Frames per burst, as DPDK and OVS use.
 pub const BURST: usize = 32;

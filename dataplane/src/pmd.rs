@@ -7,6 +7,8 @@
 //! control waits for before it answers GET_VRING_BASE, unmaps memory, moves an rx queue to
 //! another PMD or tears a port down. Between bursts a PMD holds no destination lock.
 
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -23,6 +25,7 @@ use crate::tap::{self, TapIo, TAP_HDR_LEN};
 use crate::txlock::pmd_holder;
 use crate::virtq::copy::gather;
 use crate::virtq::{PackedRing, Seg, SegList, VirtQueue, Virtq};
+use crate::waiter::{Waiter, Waker};
 use crate::{tsc, CoreId, PortId, BURST, MAX_FRAME};
 
 /// Ports the switch can hold; ids are dense indices below this.
@@ -46,6 +49,18 @@ pub enum PmdError {
     TooManyRxqs(usize),
 }
 
+/// How a PMD spends the time it has nothing to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Model {
+    /// Run to completion, busy-polling always (as OVS-DPDK and VPP).
+    #[default]
+    Rtc,
+    /// Busy-poll; after `idle_us` without a frame, ask the guests to kick, sleep on the kick
+    /// eventfds (and tap fds), and poll again once one fires. A PMD with a DPDK rx queue keeps
+    /// polling (the vdevs here have no rx interrupts).
+    Adaptive { idle_us: u32 },
+}
+
 /// Busy cycles and packets of one rx queue: written by the PMD polling it, read by control
 /// (`pmd-rxq-show`, the `cycles` assignment, auto-rebalance). Travels with the queue.
 #[repr(align(64))]
@@ -57,10 +72,12 @@ pub struct RxqLoad {
 
 /// Where an rx queue's frames come from.
 pub enum Source {
-    /// A guest's TX virtqueue, with the features negotiated when it started.
+    /// A guest's TX virtqueue, with the features negotiated when it started and the eventfd
+    /// the guest kicks (when asked to: only an adaptive PMD about to sleep asks).
     Vhost {
         ring: Box<Virtq>,
         features: NetFeatures,
+        kick: Option<File>,
     },
     /// RX queue `queue` of the port's DPDK device.
     Eth,
@@ -123,6 +140,8 @@ enum Command {
 
 struct Shared {
     cmds: ArrayQueue<Command>,
+    /// Wakes an adaptive PMD that sleeps.
+    waker: Option<Waker>,
     stats: PmdStats,
     /// Set by control to end the loop (Relaxed: nothing else is published with it).
     stop: AtomicBool,
@@ -137,8 +156,19 @@ pub struct PmdHandle {
 
 impl PmdHandle {
     /// Start PMD number `index` pinned to `core`, switching with the shared MAC table.
-    pub fn spawn(core: CoreId, index: usize, macs: Arc<MacTable>) -> Result<PmdHandle, PmdError> {
+    pub fn spawn(
+        core: CoreId,
+        index: usize,
+        macs: Arc<MacTable>,
+        model: Model,
+    ) -> Result<PmdHandle, PmdError> {
+        let waiter = match model {
+            Model::Rtc => None,
+            Model::Adaptive { .. } => Some(Waiter::new().map_err(PmdError::Spawn)?),
+        };
+        let waker = waiter.as_ref().map(Waiter::waker).transpose();
         let shared = Arc::new(Shared {
+            waker: waker.map_err(PmdError::Spawn)?,
             cmds: ArrayQueue::new(64),
             stats: PmdStats::default(),
             stop: AtomicBool::new(false),
@@ -151,7 +181,11 @@ impl PmdHandle {
                 let pinned = core_affinity::set_for_current(core_affinity::CoreId { id: core.0 });
                 let _ = tx.send(pinned);
                 if pinned {
-                    Pmd::new(s, index, macs).run();
+                    let mut pmd = Pmd::new(s, index, macs);
+                    if let (Model::Adaptive { idle_us }, Some(w)) = (model, waiter) {
+                        pmd.sleep = Some(Sleep::new(w, idle_us));
+                    }
+                    pmd.run();
                 }
             })
             .map_err(PmdError::Spawn)?;
@@ -189,6 +223,7 @@ impl PmdHandle {
             }
             std::thread::sleep(Duration::from_micros(100));
         }
+        self.wake();
         while !reply.done.load(Ordering::Acquire) {
             if Instant::now() > deadline || self.finished() {
                 return Err(PmdError::Unresponsive(self.core.0));
@@ -196,6 +231,12 @@ impl PmdHandle {
             std::thread::sleep(Duration::from_micros(20));
         }
         Ok(reply.returned.pop())
+    }
+
+    fn wake(&self) {
+        if let Some(w) = &self.shared.waker {
+            w.wake();
+        }
     }
 
     fn finished(&self) -> bool {
@@ -255,6 +296,7 @@ impl PmdHandle {
 impl Drop for PmdHandle {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
+        self.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -269,6 +311,33 @@ struct Pmd {
     fwd: Fwd,
     /// The thread has a DPDK lcore id (mempool caches); done once the first DPDK port arrives.
     dpdk_registered: bool,
+    /// Adaptive model: how it sleeps.
+    sleep: Option<Sleep>,
+}
+
+/// An adaptive PMD's sleeping: what it waits on, and since when it has been idle.
+struct Sleep {
+    waiter: Waiter,
+    /// Idle cycles before sleeping.
+    after: u64,
+    /// TSC when the current idle stretch began (0: not idle).
+    idle_since: u64,
+    /// A queue's fd could not be watched: sleeping could miss its frames.
+    blind: bool,
+}
+
+/// Longest sleep: the loop then checks its stop flag and publishes counters.
+const SLEEP_MAX_MS: i32 = 100;
+
+impl Sleep {
+    fn new(waiter: Waiter, idle_us: u32) -> Sleep {
+        Sleep {
+            waiter,
+            after: tsc::hz() / 1_000_000 * idle_us as u64,
+            idle_since: 0,
+            blind: false,
+        }
+    }
 }
 
 /// What switching a burst needs, apart from the rx queue it comes from.
@@ -364,6 +433,7 @@ impl Pmd {
                 tap_buf: vec![0u8; MAX_FRAME as usize + 1].into_boxed_slice(),
             },
             dpdk_registered: false,
+            sleep: None,
         }
     }
 
@@ -380,6 +450,9 @@ impl Pmd {
             if moved > 0 {
                 bump(&stats.busy_cycles, busy);
                 bump(&stats.packets, moved as u64);
+                if let Some(s) = &mut self.sleep {
+                    s.idle_since = 0;
+                }
             } else {
                 let t1 = tsc::now();
                 bump(&stats.idle_cycles, t1.wrapping_sub(t));
@@ -387,6 +460,13 @@ impl Pmd {
                 // Nothing to do: PAUSE gives the pipeline to a sibling hyperthread (often the
                 // guest's own vCPU thread) and stops this loop hammering lines the guest writes.
                 std::hint::spin_loop();
+                if let Some(s) = &mut self.sleep {
+                    if s.idle_since == 0 {
+                        s.idle_since = t1;
+                    } else if t1.wrapping_sub(s.idle_since) > s.after {
+                        self.sleep_until_kicked();
+                    }
+                }
             }
             bump(&stats.iterations, 1);
         }
@@ -426,6 +506,47 @@ impl Pmd {
         (moved, busy)
     }
 
+    /// Adaptive model: ask every guest queue for kicks, and unless frames or commands already
+    /// wait, sleep until a kick, a tap's input, a command or the timeout. Then back to polling.
+    #[cold]
+    fn sleep_until_kicked(&mut self) {
+        let Some(s) = &mut self.sleep else {
+            return;
+        };
+        s.idle_since = 0;
+        if s.blind || self.rxqs.iter().any(|q| matches!(q.source, Source::Eth)) {
+            return;
+        }
+        let mut waiting = false;
+        for q in self.rxqs.iter_mut() {
+            if let Source::Vhost { ring, .. } = &mut q.source {
+                waiting |= ring.set_kicks(true);
+            }
+        }
+        if !waiting && self.shared.cmds.is_empty() && !self.shared.stop.load(Ordering::Relaxed) {
+            bump(&self.shared.stats.sleeps, 1);
+            s.waiter.wait(SLEEP_MAX_MS);
+        }
+        for q in self.rxqs.iter_mut() {
+            if let Source::Vhost { ring, .. } = &mut q.source {
+                ring.set_kicks(false);
+            }
+        }
+    }
+
+    /// The fd that says rx queue `q` has input (a guest's kick eventfd, a tap queue's fd),
+    /// and whether it is an eventfd.
+    fn wake_fd(&self, q: &Rxq) -> Option<(RawFd, bool)> {
+        match &q.source {
+            Source::Vhost { kick, .. } => kick.as_ref().map(|k| (k.as_raw_fd(), true)),
+            Source::Tap => match self.fwd.fabric.port(q.port) {
+                Some(Port::Tap(p)) => p.queues.get(q.queue as usize).map(|t| (t.fd(), false)),
+                _ => None,
+            },
+            Source::Eth => None,
+        }
+    }
+
     /// One burst from rx queue `i`; what it delivered is published (and the destination
     /// queues let go) before it returns.
     #[inline]
@@ -433,7 +554,7 @@ impl Pmd {
         let rxq = &mut self.rxqs[i];
         let (port, queue) = (rxq.port, rxq.queue);
         let n = match &mut rxq.source {
-            Source::Vhost { ring, features } => match &mut **ring {
+            Source::Vhost { ring, features, .. } => match &mut **ring {
                 Virtq::Split(r) => self.fwd.switch_ring(port, queue, r, *features),
                 Virtq::Packed(r) => self.fwd.switch_packed(port, queue, r, *features),
             },
@@ -469,6 +590,11 @@ impl Pmd {
                 (reply, None)
             }
             Command::AddRxq(rxq, reply) => {
+                let fd = self.wake_fd(&rxq);
+                if let (Some(s), Some((fd, eventfd))) = (&mut self.sleep, fd) {
+                    // A queue it cannot watch would not wake it: then it never sleeps.
+                    s.blind |= s.waiter.add(fd, eventfd).is_err();
+                }
                 // Refused by control beforehand; a full list would allocate here.
                 if self.rxqs.len() < MAX_RXQS {
                     self.rxqs.push(rxq);
@@ -483,6 +609,11 @@ impl Pmd {
                     .iter()
                     .position(|q| q.port == port && q.queue == queue)
                     .map(|i| self.rxqs.remove(i));
+                if let (Some(s), Some((fd, _))) =
+                    (&self.sleep, back.as_ref().and_then(|q| self.wake_fd(q)))
+                {
+                    s.waiter.remove(fd);
+                }
                 (reply, back.map(Returned::Rxq))
             }
             Command::SwapRing {
@@ -804,6 +935,7 @@ mod tests {
 
     fn switch_with_features(features: &[NetFeatures]) -> (Pmd, Vec<Guest>) {
         let shared = Arc::new(Shared {
+            waker: None,
             cmds: ArrayQueue::new(4),
             stats: PmdStats::default(),
             stop: AtomicBool::new(false),
@@ -828,6 +960,7 @@ mod tests {
             let source = Source::Vhost {
                 ring: Box::new(g.tx.ring(false).into()),
                 features: f,
+                kick: None,
             };
             pmd.apply(Command::AddRxq(
                 Rxq::new(id, 0, source, Arc::default()),

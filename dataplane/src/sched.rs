@@ -8,12 +8,13 @@
 //! old PMD hands it back at a quiescent point, with its ring position, and the new one resumes
 //! from there, so no frame is lost or taken twice. Control threads only; never the hot path.
 
+use std::fs::File;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::l2::MacTable;
-use crate::pmd::{PmdError, PmdHandle, Rxq, RxqLoad, Source, MAX_PORTS, MAX_RXQS};
+use crate::pmd::{Model, PmdError, PmdHandle, Rxq, RxqLoad, Source, MAX_PORTS, MAX_RXQS};
 use crate::port::{NetFeatures, Port};
 use crate::stats::PmdCounters;
 use crate::virtq::Virtq;
@@ -123,9 +124,10 @@ pub struct Move {
 }
 
 impl Dataplane {
-    /// Start one PMD per core.
+    /// Start one PMD per core, each running `model`.
     pub fn start(
         cores: &[usize],
+        model: Model,
         assign: Assign,
         auto_lb: Option<AutoLb>,
     ) -> Result<Dataplane, PmdError> {
@@ -133,7 +135,7 @@ impl Dataplane {
         let pmds = cores
             .iter()
             .enumerate()
-            .map(|(i, &c)| PmdHandle::spawn(CoreId(c), i, macs.clone()))
+            .map(|(i, &c)| PmdHandle::spawn(CoreId(c), i, macs.clone(), model))
             .collect::<Result<Vec<_>, _>>()?;
         let now = Instant::now();
         Ok(Dataplane {
@@ -270,16 +272,17 @@ impl Dataplane {
         self.pmds[e.pmd].remove_rxq(port, queue)
     }
 
-    /// Install (Some) or detach (None) one virtqueue of a guest's port. Returns the ring it
-    /// replaced, which no PMD touches any more. A guest RX queue (a destination) is swapped
-    /// under its lock; a TX queue (an rx queue of the switch) is handed to or taken from the
-    /// PMD that polls it.
+    /// Install (Some) or detach (None) one virtqueue of a guest's port; `kick`: the eventfd
+    /// the guest kicks it with. Returns the ring it replaced, which no PMD touches any more. A
+    /// guest RX queue (a destination) is swapped under its lock; a TX queue (an rx queue of
+    /// the switch) is handed to or taken from the PMD that polls it.
     pub fn set_ring(
         &self,
         port: PortId,
         q: QueueIdx,
         features: NetFeatures,
         ring: Option<Box<Virtq>>,
+        kick: Option<File>,
     ) -> Result<Option<Box<Virtq>>, PmdError> {
         if q.is_guest_rx() {
             // Any PMD will do: it takes the queue's lock between its bursts (with one PMD,
@@ -293,7 +296,12 @@ impl Dataplane {
                 _ => None,
             });
         if let Some(ring) = ring {
-            self.add_rxq(port, q.pair(), Source::Vhost { ring, features })?;
+            let source = Source::Vhost {
+                ring,
+                features,
+                kick,
+            };
+            self.add_rxq(port, q.pair(), source)?;
         }
         Ok(old)
     }

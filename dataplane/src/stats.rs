@@ -146,11 +146,14 @@ impl QueueCounters {
 #[derive(Default, Debug)]
 pub struct PmdStats {
     pub iterations: AtomicU64,
-    /// TSC cycles of iterations that moved at least one packet, and of those that moved none.
+    /// TSC cycles of passes over the rx queues that moved at least one packet, and the rest
+    /// (passes that moved none, commands, sleep).
     pub busy_cycles: AtomicU64,
     pub idle_cycles: AtomicU64,
     /// Frames taken from guests (what busy cycles are divided by).
     pub packets: AtomicU64,
+    /// Adaptive model: times the PMD went to sleep (idle cycles include the sleep).
+    pub sleeps: AtomicU64,
 }
 
 impl PmdStats {
@@ -161,6 +164,7 @@ impl PmdStats {
             busy_cycles: l(&self.busy_cycles),
             idle_cycles: l(&self.idle_cycles),
             packets: l(&self.packets),
+            sleeps: l(&self.sleeps),
         }
     }
 }
@@ -171,4 +175,5 @@ pub struct PmdCounters {
     pub busy_cycles: u64,
     pub idle_cycles: u64,
     pub packets: u64,
+    pub sleeps: u64,
 }

@@ -24,7 +24,8 @@ fn pmd() -> Arc<Dataplane> {
     static PMD: OnceLock<Arc<Dataplane>> = OnceLock::new();
     PMD.get_or_init(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let dp = Dataplane::start(&[cores - 1], Default::default(), None).expect("PMD");
+        let dp = Dataplane::start(&[cores - 1], Default::default(), Default::default(), None)
+            .expect("PMD");
         dp.add_port(VhostPort::port(PortId(0), QUEUE_PAIRS), &[])
             .expect("port");
         Arc::new(dp)

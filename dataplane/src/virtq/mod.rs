@@ -55,6 +55,14 @@ pub enum Virtq {
 }
 
 impl Virtq {
+    /// Guest kicks on (the PMD will sleep) or off; true if chains are already waiting.
+    pub fn set_kicks(&mut self, on: bool) -> bool {
+        match self {
+            Virtq::Split(r) => r.set_kicks(on),
+            Virtq::Packed(r) => r.set_kicks(on),
+        }
+    }
+
     pub fn is_broken(&self) -> bool {
         match self {
             Virtq::Split(r) => r.is_broken(),

@@ -153,6 +153,20 @@ impl PackedRing {
         Ok(ring)
     }
 
+    /// Ask the driver to kick us (`on`: the PMD is about to sleep) or not to (polling again).
+    /// Returns whether chains are already waiting, which a kick asked for now would miss.
+    pub fn set_kicks(&mut self, on: bool) -> bool {
+        let flags = if on { EVENT_ENABLE } else { EVENT_DISABLE };
+        // SAFETY: as in `new`: `device` spans 4 mapped bytes; flags is the second u16.
+        unsafe { AtomicU16::from_ptr(self.device.add(1)) }.store(flags, Ordering::Relaxed);
+        if self.log.is_some() {
+            self.log_ring();
+        }
+        // Our flags before the driver's next descriptor: as for the used index in `flush`.
+        fence(Ordering::SeqCst);
+        self.avail_pending() > 0
+    }
+
     /// Log every page the ring writes from now on (runs on control).
     pub fn with_log(mut self, log: Arc<DirtyLog>) -> PackedRing {
         self.log = Some(log);

@@ -153,6 +153,32 @@ impl SplitRing {
         self.size
     }
 
+    /// Ask the guest to kick us (`on`: the PMD is about to sleep) or not to (polling again).
+    /// Returns whether chains are already waiting, which a kick asked for now would miss.
+    pub fn set_kicks(&mut self, on: bool) -> bool {
+        if on {
+            self.used_flags().store(0, Ordering::Relaxed);
+            if self.event_idx {
+                // Kick when the guest publishes the entry at last_avail_idx.
+                // SAFETY: avail_event is the u16 at 4 + 8*size, the last two checked bytes.
+                unsafe {
+                    std::ptr::write_volatile(
+                        self.used.add(4 + 8 * self.size as usize) as *mut u16,
+                        self.last_avail_idx,
+                    )
+                }
+            }
+        } else {
+            self.used_flags()
+                .store(VRING_USED_F_NO_NOTIFY, Ordering::Relaxed);
+            self.set_avail_event();
+        }
+        self.log_used();
+        // Our flags before the guest's index: as for used.idx in `flush`.
+        fence(Ordering::SeqCst);
+        self.avail_idx().load(Ordering::Acquire) != self.last_avail_idx
+    }
+
     /// Log every page the ring writes from now on (runs on control, before the PMD has it).
     /// `used_gpa` is where the frontend says the used ring is (`log_guest_addr`); without it,
     /// the ring's own translation tells.
