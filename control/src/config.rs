@@ -65,6 +65,10 @@ struct DataplaneSection {
     /// How rx queues not pinned are spread over the PMDs.
     #[serde(default)]
     rxq_assign: RxqAssign,
+    /// "auto": lock a destination queue only when several PMDs may write it; "always": lock
+    /// every one (to measure what locking costs).
+    #[serde(default)]
+    tx_queue_locking: Locking,
     /// Auto-rebalance (as OVS's pmd-auto-lb), off by default.
     #[serde(default)]
     auto_lb: bool,
@@ -83,6 +87,14 @@ enum ModelName {
     Rtc,
     Adaptive,
     Pipeline,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum Locking {
+    #[default]
+    Auto,
+    Always,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, Default)]
@@ -222,6 +234,7 @@ pub enum VhostMode {
 pub struct Config {
     pub pmd_cores: Vec<usize>,
     pub model: Model,
+    pub always_lock: bool,
     pub rxq_assign: Assign,
     pub auto_lb: Option<AutoLb>,
     pub control_socket: PathBuf,
@@ -405,6 +418,7 @@ fn validate(
     }
     Ok(Config {
         model,
+        always_lock: dp.tx_queue_locking == Locking::Always,
         rxq_assign: match dp.rxq_assign {
             RxqAssign::Roundrobin => Assign::RoundRobin,
             RxqAssign::Cycles => Assign::Cycles,
@@ -859,5 +873,59 @@ mod tests {
             e.contains("pmd_cores") && e.contains("does not exist"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn threading_keys() {
+        let d = tmpdir("threads");
+        let load = |dataplane: &str, port: &str| {
+            let main = write(
+                &d,
+                "main.toml",
+                &format!("[dataplane]\n{dataplane}\n[[port]]\nname = \"a\"\ntype = \"vhost-user\"\nsocket = \"/tmp/a.sock\"\nqueues = 2\n{port}"),
+            );
+            Config::load(&main).map_err(|e| e.to_string())
+        };
+        let c = load(
+            "pmd_cores = [0, 1]\nmodel = \"adaptive\"\nadaptive_idle_us = 50\nrxq_assign = \"cycles\"\nauto_lb = true\nauto_lb_interval = 5",
+            "pmd_rxq_affinity = [1, 0]",
+        )
+        .unwrap();
+        assert_eq!(c.model, Model::Adaptive { idle_us: 50 });
+        assert_eq!(c.rxq_assign, Assign::Cycles);
+        let lb = c.auto_lb.unwrap();
+        assert_eq!(
+            (lb.load_threshold, lb.improvement, lb.interval),
+            (95, 25, Duration::from_secs(5))
+        );
+        assert_eq!(c.ports[0].rxq_affinity, [1, 0]);
+        assert_eq!(load("pmd_cores = [0]", "").unwrap().model, Model::Rtc);
+        for (dataplane, port, want) in [
+            ("pmd_cores = [0, 0]", "", "listed twice"),
+            ("pmd_cores = [0]\nmodel = \"pipeline\"", "", "not built yet"),
+            (
+                "pmd_cores = [0]\nmodel = \"rtc\"\nadaptive_idle_us = 5",
+                "",
+                "adaptive_idle_us",
+            ),
+            (
+                "pmd_cores = [0]\nauto_lb_load_threshold = 150",
+                "",
+                "percentage",
+            ),
+            (
+                "pmd_cores = [0]",
+                "pmd_rxq_affinity = [1]",
+                "core 1 runs no PMD",
+            ),
+            (
+                "pmd_cores = [0]",
+                "pmd_rxq_affinity = [0, 0, 0]",
+                "one core per queue",
+            ),
+        ] {
+            let e = load(dataplane, port).unwrap_err();
+            assert!(e.contains(want), "{dataplane} / {port}: {e}");
+        }
     }
 }

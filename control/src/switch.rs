@@ -65,12 +65,9 @@ impl Switch {
     /// stops the switch; a device port that cannot (bad devargs, no hugepages, EAL failure, no
     /// /dev/net/tun) is logged and listed with its error, and the other ports run.
     pub fn start(cfg: &Config) -> anyhow::Result<Switch> {
-        let dp = Arc::new(Dataplane::start(
-            &cfg.pmd_cores,
-            cfg.model,
-            cfg.rxq_assign,
-            cfg.auto_lb,
-        )?);
+        let mut dp = Dataplane::start(&cfg.pmd_cores, cfg.model, cfg.rxq_assign, cfg.auto_lb)?;
+        dp.always_lock = cfg.always_lock;
+        let dp = Arc::new(dp);
         let n_pmds = cfg.pmd_cores.len();
         let sw = Switch {
             tsc_hz: dataplane::tsc::hz(),

@@ -182,3 +182,74 @@ fn adaptive_pmd_sleeps_when_idle_and_wakes_on_kicks() {
     );
     sw.check_accounting();
 }
+
+/// Auto-rebalance: both of guest A's busy queues are put on one PMD (pinned there, then
+/// unpinned where they are); that PMD is over the load threshold (5 % here: the guest shares
+/// CPU 0 with the other PMD, so it sends slowly) and spreading the queues halves its load, so
+/// within a few intervals they are on different PMDs again, with no frame lost on the way.
+#[test]
+fn auto_rebalance_spreads_an_overloaded_pmd() {
+    let ports =
+        "[[port]]\nname = \"p0\"\ntype = \"vhost-user\"\nsocket = \"{dir}/p0.sock\"\nqueues = 2\n\
+                 [[port]]\nname = \"p1\"\ntype = \"vhost-user\"\nsocket = \"{dir}/p1.sock\"\n";
+    let dataplane =
+        "pmd_cores = [0, 1]\nauto_lb = true\nauto_lb_load_threshold = 5\nauto_lb_interval = 1\n";
+    let sw = Switch::with_config("autolb", dataplane, ports);
+    let mut b = Testpmd::on_port(&sw, "b", 1, "rxonly");
+    let mut a = Testpmd::start(
+        &sw.dir,
+        "a",
+        &[format!(
+            "net_virtio_user0,path={},queues=2",
+            sw.sock(0).display()
+        )],
+        &[
+            "--forward-mode=txonly",
+            "--auto-start",
+            "--rxq=2",
+            "--txq=2",
+        ],
+    );
+    sw.wait_connected(0, true);
+    a.wait_output("Tx-pps", Duration::from_secs(30));
+    let cores = || -> Vec<u64> {
+        let s = sw.stats();
+        (0..2u16)
+            .map(|q| {
+                s["rxqs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|r| r["port"] == "p0" && r["queue"] == q)
+                    .unwrap()["core"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    for q in ["0", "1"] {
+        sw.ctl(&["pin", "p0", q, "1"]);
+        sw.ctl(&["pin", "p0", q, "none"]);
+    }
+    assert_eq!(cores(), [1, 1]);
+    let t = std::time::Instant::now();
+    while cores()[0] == cores()[1] {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "not rebalanced: {}\n{}",
+            sw.ctl(&["pmd-rxq-show"]),
+            sw.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(sw.log().contains("auto-rebalance"), "{}", sw.log());
+    let sent = final_tx_packets(&a.stop(), 0);
+    std::thread::sleep(Duration::from_millis(500));
+    b.stop();
+    let s = sw.stats();
+    assert_eq!(
+        sw.port(&s, 0)["from_port"]["packets"].as_u64().unwrap(),
+        sent
+    );
+    sw.check_accounting();
+}

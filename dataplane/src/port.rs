@@ -127,6 +127,7 @@ impl Port {
 
     /// Mark the destination queues only one of `n_pmds` PMDs delivers into: every queue when
     /// there is one PMD; a DPDK TX queue when there is one per PMD (PMD i sends on queue i).
+    /// (`usize::MAX`: none, every queue is locked.)
     pub fn set_exclusive(&mut self, n_pmds: usize) {
         match self {
             Port::Vhost(p) => p.rx.iter_mut().for_each(|l| l.set_exclusive(n_pmds == 1)),

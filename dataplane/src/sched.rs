@@ -101,6 +101,8 @@ pub struct Dataplane {
     pub macs: Arc<MacTable>,
     assign: Assign,
     auto_lb: Option<AutoLb>,
+    /// Lock even the destination queues only one PMD writes (to measure what locking costs).
+    pub always_lock: bool,
     state: Mutex<State>,
 }
 
@@ -152,6 +154,7 @@ impl Dataplane {
             macs,
             assign,
             auto_lb,
+            always_lock: false,
         })
     }
 
@@ -176,7 +179,10 @@ impl Dataplane {
             return Err(PmdError::PortId(id.0));
         }
         let mut port = port;
-        port.set_exclusive(self.pmds.len());
+        port.set_exclusive(match self.always_lock {
+            true => usize::MAX,
+            false => self.pmds.len(),
+        });
         let port = Arc::new(port);
         let mut st = self.state();
         for (i, pmd) in self.pmds.iter().enumerate() {
