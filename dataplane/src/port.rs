@@ -101,11 +101,6 @@ impl VhostPort {
         }
         Delivery::NoQueue
     }
-
-    /// Every ring the port holds, for handing back to control.
-    pub fn take_rings(&mut self) -> impl Iterator<Item = Box<Virtq>> + '_ {
-        self.rx.iter_mut().filter_map(|l| l.get_mut().ring.take())
-    }
 }
 
 /// A port as every PMD holds it (shared, `Arc`): what frames are delivered into. Built by

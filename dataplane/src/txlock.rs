@@ -1,25 +1,21 @@
 //! A destination queue several PMDs may deliver into (a guest RX ring, a DPDK TX queue), behind
 //! a spinlock a PMD holds for one burst: taken at the burst's first frame for that queue,
 //! released when the burst is flushed. Uncontended, that is one locked instruction per queue
-//! and burst; when PMDs do share a queue (fewer queues than PMDs), the loser spins for at most
-//! one burst. Control takes the same lock, sleeping between tries, to swap a ring: the holder
-//! is the only one touching the queue.
+//! and burst (measured: no cost that shows); when PMDs do share a queue (fewer queues than
+//! PMDs), the loser waits for at most one burst. A ring is swapped by a PMD between its bursts
+//! (`with`), holding the same lock: the holder is the only one touching the queue.
 //!
 //! A queue only one PMD ever delivers into (one PMD in all; a DPDK TX queue per PMD) is
 //! `exclusive`: its holder word is then set and cleared with plain stores, a flag that says
-//! "delivered into since the last flush". The locked instruction is not only ~20 cycles: it
-//! waits for every store before it to drain, which at the start of a burst are the previous
-//! burst's ring updates, still missing in the guest's cache (measured: 30 cycles a frame in
-//! the v2v loop). Control then swaps its ring through the PMD's command queue instead.
+//! "delivered into since the last flush", and only that PMD swaps its ring.
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-/// Who holds a lock: a PMD (its index + 1) or control.
+/// Who holds a lock: a PMD (its index + 1).
 pub type Holder = u32;
 const FREE: Holder = 0;
-pub const CONTROL: Holder = u32::MAX;
 
 /// The holder of PMD number `index`.
 pub fn pmd_holder(index: usize) -> Holder {
@@ -49,10 +45,6 @@ impl<T> TxLock<T> {
     /// Only one PMD will ever hold it (set before the PMDs see it).
     pub fn set_exclusive(&mut self, exclusive: bool) {
         self.exclusive = exclusive;
-    }
-
-    pub fn is_exclusive(&self) -> bool {
-        self.exclusive
     }
 
     /// Take the lock for `who` if it is free (an exclusive one always is).
@@ -94,8 +86,8 @@ impl<T> TxLock<T> {
         self.inner.get_mut()
     }
 
-    /// Access outside a burst: waits (sleeping) until no PMD holds the queue, then runs `f`
-    /// on it. For an exclusive queue, only its PMD may call this, between bursts.
+    /// Access between bursts, as `who`: waits (sleeping) until no other PMD holds the queue,
+    /// then runs `f` on it. For an exclusive queue, only its PMD may call this.
     pub fn with<R>(&self, who: Holder, f: impl FnOnce(&mut T) -> R) -> R {
         while !self.try_hold(who) {
             std::thread::sleep(Duration::from_micros(20));
@@ -142,9 +134,9 @@ mod tests {
             })
             .collect();
         for _ in 0..1000 {
-            l.with(CONTROL, |v| *v += 1);
+            l.with(pmd_holder(2), |v| *v += 1);
         }
         threads.into_iter().for_each(|t| t.join().unwrap());
-        assert_eq!(l.with(CONTROL, |v| *v), 201_000);
+        assert_eq!(l.with(pmd_holder(2), |v| *v), 201_000);
     }
 }
