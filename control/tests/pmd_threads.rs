@@ -7,19 +7,14 @@ use std::time::Duration;
 
 use common::*;
 
-/// Two PMDs. Guest A sends on two TX queues, which land on different PMDs; both deliver into
-/// guest B's single RX queue (shared, so locked). Under traffic, A's queues are moved between
-/// the PMDs eight times (`ctl pin`); afterwards every frame A handed over was taken exactly
-/// once, and every frame is accounted for.
-#[test]
-fn two_pmds_share_a_destination_and_move_queues_without_loss() {
-    let ports =
-        "[[port]]\nname = \"p0\"\ntype = \"vhost-user\"\nsocket = \"{dir}/p0.sock\"\nqueues = 2\n\
-                 [[port]]\nname = \"p1\"\ntype = \"vhost-user\"\nsocket = \"{dir}/p1.sock\"\n";
-    let sw = Switch::with_config("pmds", "pmd_cores = [0, 1]\n", ports);
-    let mut b = Testpmd::on_port(&sw, "b", 1, "rxonly");
-    b.wait_output("Rx-pps", Duration::from_secs(30));
-    let mut a = Testpmd::start(
+/// p0 with two queue pairs, p1 with one.
+const PORTS: &str =
+    "[[port]]\nname = \"p0\"\ntype = \"vhost-user\"\nsocket = \"{dir}/p0.sock\"\nqueues = 2\n\
+     [[port]]\nname = \"p1\"\ntype = \"vhost-user\"\nsocket = \"{dir}/p1.sock\"\n";
+
+/// Guest A on p0, sending (txonly) on two queue pairs; returns once it sends.
+fn two_queue_sender(sw: &Switch) -> Testpmd {
+    let a = Testpmd::start(
         &sw.dir,
         "a",
         &[format!(
@@ -35,19 +30,35 @@ fn two_pmds_share_a_destination_and_move_queues_without_loss() {
     );
     sw.wait_connected(0, true);
     a.wait_output("Tx-pps", Duration::from_secs(30));
+    a
+}
+
+/// The core of the PMD polling rx queue `queue` of `port`.
+fn core_of(sw: &Switch, port: &str, queue: u16) -> u64 {
+    let s = sw.stats();
+    let q = s["rxqs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["port"] == port && q["queue"] == queue && q["running"] == true)
+        .unwrap_or_else(|| panic!("no running rx queue {port}/{queue} in {s}"))
+        .clone();
+    q["core"].as_u64().unwrap()
+}
+
+/// Two PMDs. Guest A sends on two TX queues, which land on different PMDs; both deliver into
+/// guest B's single RX queue (shared, so locked). Under traffic, A's queues are moved between
+/// the PMDs eight times (`ctl pin`); afterwards every frame A handed over was taken exactly
+/// once, and every frame is accounted for.
+#[test]
+fn two_pmds_share_a_destination_and_move_queues_without_loss() {
+    let sw = Switch::with_config("pmds", "pmd_cores = [0, 1]\n", PORTS);
+    let mut b = Testpmd::on_port(&sw, "b", 1, "rxonly");
+    b.wait_output("Rx-pps", Duration::from_secs(30));
+    let mut a = two_queue_sender(&sw);
 
     // Round robin put A's two queues on different PMDs.
-    let core_of = |queue: u16| -> u64 {
-        let s = sw.stats();
-        let q = s["rxqs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|q| q["port"] == "p0" && q["queue"] == queue && q["running"] == true)
-            .unwrap_or_else(|| panic!("no running rx queue p0/{queue} in {s}"))
-            .clone();
-        q["core"].as_u64().unwrap()
-    };
+    let core_of = |queue| core_of(&sw, "p0", queue);
     assert_ne!(core_of(0), core_of(1), "{}", sw.ctl(&["pmd-rxq-show"]));
 
     for i in 0..8u16 {
@@ -189,44 +200,12 @@ fn adaptive_pmd_sleeps_when_idle_and_wakes_on_kicks() {
 /// within a few intervals they are on different PMDs again, with no frame lost on the way.
 #[test]
 fn auto_rebalance_spreads_an_overloaded_pmd() {
-    let ports =
-        "[[port]]\nname = \"p0\"\ntype = \"vhost-user\"\nsocket = \"{dir}/p0.sock\"\nqueues = 2\n\
-                 [[port]]\nname = \"p1\"\ntype = \"vhost-user\"\nsocket = \"{dir}/p1.sock\"\n";
     let dataplane =
         "pmd_cores = [0, 1]\nauto_lb = true\nauto_lb_load_threshold = 5\nauto_lb_interval = 1\n";
-    let sw = Switch::with_config("autolb", dataplane, ports);
+    let sw = Switch::with_config("autolb", dataplane, PORTS);
     let mut b = Testpmd::on_port(&sw, "b", 1, "rxonly");
-    let mut a = Testpmd::start(
-        &sw.dir,
-        "a",
-        &[format!(
-            "net_virtio_user0,path={},queues=2",
-            sw.sock(0).display()
-        )],
-        &[
-            "--forward-mode=txonly",
-            "--auto-start",
-            "--rxq=2",
-            "--txq=2",
-        ],
-    );
-    sw.wait_connected(0, true);
-    a.wait_output("Tx-pps", Duration::from_secs(30));
-    let cores = || -> Vec<u64> {
-        let s = sw.stats();
-        (0..2u16)
-            .map(|q| {
-                s["rxqs"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|r| r["port"] == "p0" && r["queue"] == q)
-                    .unwrap()["core"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .collect()
-    };
+    let mut a = two_queue_sender(&sw);
+    let cores = || [core_of(&sw, "p0", 0), core_of(&sw, "p0", 1)];
     for q in ["0", "1"] {
         sw.ctl(&["pin", "p0", q, "1"]);
         sw.ctl(&["pin", "p0", q, "none"]);
