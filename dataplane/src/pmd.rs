@@ -1,5 +1,5 @@
 //! PMD threads: a pinned, busy-polling loop over the rx queues assigned to it (guest TX queues,
-//! DPDK RX queues, tap queues). It switches each frame by destination MAC and copies it straight
+//! DPDK RX queues, tap queues), which in the adaptive model sleeps when idle. It switches each frame by destination MAC and copies it straight
 //! into the destination (a guest's RX buffers, an mbuf, a tap `writev`), whichever PMD polls the
 //! destination's own rx queues: destinations are shared (`Port`), each queue behind a lock held
 //! for one burst. Control talks to a PMD only through a bounded command queue drained between

@@ -3,8 +3,8 @@
 //! in order, `cycles` gives the busiest queues first to the least loaded PMD (by measured busy
 //! cycles); a queue pinned to a core in its port file goes there, and that PMD then takes no
 //! other queue (OVS's isolation). Auto-rebalance, as OVS's `pmd-auto-lb`: when the busiest PMD
-//! stays above a load threshold and a new assignment would lower the busiest load by a margin,
-//! queues move, at most once per interval. A queue moves through the quiescence protocol: the
+//! was above a load threshold over the last second and a new assignment would lower the
+//! busiest load by a margin, queues move, at most once per interval. A queue moves through the quiescence protocol: the
 //! old PMD hands it back at a quiescent point, with its ring position, and the new one resumes
 //! from there, so no frame is lost or taken twice. Control threads only; never the hot path.
 
@@ -40,7 +40,7 @@ pub struct AutoLb {
     pub load_threshold: u32,
     /// How much the new assignment must lower the busiest PMD's load, in percent of it.
     pub improvement: u32,
-    /// The load is measured over this window, and queues move at most once per window.
+    /// Queues move at most once per interval (loads are those of the last one-second window).
     pub interval: Duration,
 }
 
