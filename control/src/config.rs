@@ -62,6 +62,8 @@ struct DataplaneSection {
     model: ModelName,
     /// Adaptive model: microseconds without a frame before a PMD sleeps.
     adaptive_idle_us: Option<u32>,
+    /// Pipeline model: how many of the PMDs (the last ones listed) only deliver.
+    pipeline_tx_pmds: Option<u16>,
     /// How rx queues not pinned are spread over the PMDs.
     #[serde(default)]
     rxq_assign: RxqAssign,
@@ -387,13 +389,27 @@ fn validate(
             },
         },
         ModelName::Pipeline => {
-            return Err(invalid(
-                main_file,
-                "dataplane.model",
-                "\"pipeline\" is not built yet (models: \"rtc\", \"adaptive\")".into(),
-            ))
+            let tx_pmds = dp.pipeline_tx_pmds.unwrap_or(1);
+            if tx_pmds == 0 || tx_pmds as usize >= dp.pmd_cores.len() {
+                return Err(invalid(
+                    main_file,
+                    "dataplane.pipeline_tx_pmds",
+                    format!(
+                        "{tx_pmds} tx PMDs of {}: the pipeline needs at least one PMD of each kind (list 2 or more pmd_cores)",
+                        dp.pmd_cores.len()
+                    ),
+                ));
+            }
+            Model::Pipeline { tx_pmds }
         }
     };
+    if dp.pipeline_tx_pmds.is_some() && dp.model != ModelName::Pipeline {
+        return Err(invalid(
+            main_file,
+            "dataplane.pipeline_tx_pmds",
+            "applies only to model = \"pipeline\"".into(),
+        ));
+    }
     if dp.adaptive_idle_us.is_some() && dp.model != ModelName::Adaptive {
         return Err(invalid(
             main_file,
@@ -900,9 +916,20 @@ mod tests {
         );
         assert_eq!(c.ports[0].rxq_affinity, [1, 0]);
         assert_eq!(load("pmd_cores = [0]", "").unwrap().model, Model::Rtc);
+        assert_eq!(
+            load("pmd_cores = [0, 1]\nmodel = \"pipeline\"", "")
+                .unwrap()
+                .model,
+            Model::Pipeline { tx_pmds: 1 }
+        );
         for (dataplane, port, want) in [
             ("pmd_cores = [0, 0]", "", "listed twice"),
-            ("pmd_cores = [0]\nmodel = \"pipeline\"", "", "not built yet"),
+            (
+                "pmd_cores = [0]\nmodel = \"pipeline\"",
+                "",
+                "at least one PMD of each kind",
+            ),
+            ("pmd_cores = [0]\npipeline_tx_pmds = 1", "", "applies only"),
             (
                 "pmd_cores = [0]\nmodel = \"rtc\"\nadaptive_idle_us = 5",
                 "",

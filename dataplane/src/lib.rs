@@ -12,6 +12,7 @@ pub mod dpdk;
 pub mod guest_mem;
 pub mod l2;
 pub mod offload;
+pub mod pipeline;
 pub mod pmd;
 pub mod port;
 pub mod sched;

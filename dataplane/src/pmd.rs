@@ -19,6 +19,7 @@ use crossbeam_queue::ArrayQueue;
 use crate::dpdk::MbufBurst;
 use crate::l2::{is_multicast, MacCache, MacTable};
 use crate::offload::{Frame, VnetHdr, VNET_HDR_LEN};
+use crate::pipeline::{self, Batch, Role};
 use crate::port::{Delivery, NetFeatures, Port, RxScratch};
 use crate::stats::{PmdStats, QueueStats};
 use crate::tap::{self, TapIo, TAP_HDR_LEN};
@@ -59,6 +60,9 @@ pub enum Model {
     /// eventfds (and tap fds), and poll again once one fires. A PMD with a DPDK rx queue keeps
     /// polling (the vdevs here have no rx interrupts).
     Adaptive { idle_us: u32 },
+    /// The last `tx_pmds` PMDs only switch and deliver; the others poll the rx queues and
+    /// hand guests' frames over to them (copied, in batches through `ArrayQueue`s).
+    Pipeline { tx_pmds: u16 },
 }
 
 /// Busy cycles and packets of one rx queue: written by the PMD polling it, read by control
@@ -156,14 +160,16 @@ pub struct PmdHandle {
 
 impl PmdHandle {
     /// Start PMD number `index` pinned to `core`, switching with the shared MAC table.
+    /// `role`: its part in the pipeline model.
     pub fn spawn(
         core: CoreId,
         index: usize,
         macs: Arc<MacTable>,
         model: Model,
+        role: Option<Role>,
     ) -> Result<PmdHandle, PmdError> {
         let waiter = match model {
-            Model::Rtc => None,
+            Model::Rtc | Model::Pipeline { .. } => None,
             Model::Adaptive { .. } => Some(Waiter::new().map_err(PmdError::Spawn)?),
         };
         let waker = waiter.as_ref().map(Waiter::waker).transpose();
@@ -182,6 +188,7 @@ impl PmdHandle {
                 let _ = tx.send(pinned);
                 if pinned {
                     let mut pmd = Pmd::new(s, index, macs);
+                    pmd.role = role;
                     if let (Model::Adaptive { idle_us }, Some(w)) = (model, waiter) {
                         pmd.sleep = Some(Sleep::new(w, idle_us));
                     }
@@ -313,6 +320,8 @@ struct Pmd {
     dpdk_registered: bool,
     /// Adaptive model: how it sleeps.
     sleep: Option<Sleep>,
+    /// Pipeline model: what it hands over or takes.
+    role: Option<Role>,
 }
 
 /// An adaptive PMD's sleeping: what it waits on, and since when it has been idle.
@@ -393,6 +402,21 @@ impl Tally {
         }
     }
 
+    /// `publish` for counters two PMDs write (the pipeline's rx and tx PMDs).
+    #[cold]
+    fn publish_shared(&self, s: &QueueStats) {
+        let c = &self.by_verdict;
+        s.add_shared(&s.packets, self.packets);
+        s.add_shared(&s.bytes, self.forwarded_bytes);
+        s.add_shared(&s.forwarded, c[Verdict::Forwarded as usize]);
+        s.add_shared(&s.drop_bad_descriptor, c[Verdict::BadDescriptor as usize]);
+        s.add_shared(&s.drop_runt, c[Verdict::Runt as usize]);
+        s.add_shared(&s.drop_too_big, c[Verdict::TooBig as usize]);
+        s.add_shared(&s.drop_no_destination, c[Verdict::NoDestination as usize]);
+        s.add_shared(&s.drop_undelivered, c[Verdict::Undelivered as usize]);
+        s.add_shared(&s.drop_bad_offload, c[Verdict::BadOffload as usize]);
+    }
+
     #[inline]
     fn publish(&self, s: &QueueStats) {
         let c = &self.by_verdict;
@@ -434,6 +458,7 @@ impl Pmd {
             },
             dpdk_registered: false,
             sleep: None,
+            role: None,
         }
     }
 
@@ -487,6 +512,15 @@ impl Pmd {
             if n > 0 {
                 moved += n;
                 busy_queues += 1;
+            }
+        }
+        if let Some(Role::Tx { inbox }) = &self.role {
+            // At most one inbox's worth per pass, so commands are not starved.
+            for _ in 0..pipeline::INBOX {
+                let Some(batch) = inbox.pop() else {
+                    break;
+                };
+                moved += self.fwd.deliver_batch(batch);
             }
         }
         if moved == 0 {
@@ -554,6 +588,9 @@ impl Pmd {
         let rxq = &mut self.rxqs[i];
         let (port, queue) = (rxq.port, rxq.queue);
         let n = match &mut rxq.source {
+            Source::Vhost { ring, features, .. } if self.role.is_some() => {
+                hand_off(&mut self.fwd, &self.role, port, queue, ring, *features)
+            }
             Source::Vhost { ring, features, .. } => match &mut **ring {
                 Virtq::Split(r) => self.fwd.switch_ring(port, queue, r, *features),
                 Virtq::Packed(r) => self.fwd.switch_packed(port, queue, r, *features),
@@ -637,7 +674,135 @@ impl Pmd {
     }
 }
 
+/// Pipeline model, on an rx PMD: copy a burst of the guest's frames into a free batch and
+/// hand it to a tx PMD. Without a free batch the frames stay in the ring (back-pressure).
+#[cold]
+fn hand_off(
+    fwd: &mut Fwd,
+    role: &Option<Role>,
+    port: PortId,
+    queue: u16,
+    ring: &mut Virtq,
+    features: NetFeatures,
+) -> usize {
+    let Some(Role::Rx { inboxes, free }) = role else {
+        return 0;
+    };
+    let Some(mut batch) = free.pop() else {
+        return 0;
+    };
+    batch.src = port;
+    batch.queue = queue;
+    batch.hdr_len = features.hdr_len as u32;
+    batch.tx_offloads = features.tx_offloads;
+    batch.stats = Some(ring.stats().clone());
+    let n = match ring {
+        Virtq::Split(r) => fwd.copy_out(port, queue, r, features, &mut batch),
+        Virtq::Packed(r) => fwd.copy_out(port, queue, r, features, &mut batch),
+    };
+    if batch.n == 0 {
+        batch.recycle();
+        return n;
+    }
+    // One source always to the same tx PMD: its frames stay in order.
+    let inbox = &inboxes[(port.0 as usize + queue as usize) % inboxes.len()];
+    if let Err(batch) = inbox.push(batch) {
+        fwd.deliver_batch(batch);
+    }
+    n
+}
+
 impl Fwd {
+    /// Pipeline model: take up to BURST frames from a guest's TX ring, copying each (with its
+    /// header) into `batch`; a frame too big for a slot is switched here, as in `rtc`.
+    fn copy_out<R: VirtQueue>(
+        &mut self,
+        src: PortId,
+        queue: u16,
+        ring: &mut R,
+        features: NetFeatures,
+        batch: &mut Batch,
+    ) -> usize {
+        let hdr_len = features.hdr_len as u32;
+        let n = ring.avail_pending().min(BURST as u16);
+        let mut tally = Tally::default();
+        for i in 0..n {
+            let head = ring.head_at(i);
+            let (v, len) = if ring.walk_chain(head, false, &mut self.src).is_err() {
+                (Some(Verdict::BadDescriptor), 0)
+            } else if self.src.total < hdr_len {
+                (Some(Verdict::Runt), 0)
+            } else if self.src.total as usize > pipeline::SLOT {
+                let (v, len) = if features.tx_offloads {
+                    self.forward_offloaded(src, queue, hdr_len)
+                } else {
+                    let len = self.src.total - hdr_len;
+                    let f = Frame {
+                        segs: &self.src,
+                        skip: hdr_len,
+                        len,
+                        vnet: VnetHdr::NONE,
+                        queue,
+                    };
+                    (self.fabric.forward(src, &f), len)
+                };
+                (Some(v), len)
+            } else {
+                let k = batch.n;
+                gather(&self.src, 0, batch.slot(k));
+                batch.lens[k] = self.src.total;
+                batch.n += 1;
+                (None, 0)
+            };
+            if let Some(v) = v {
+                tally.count(v, len);
+            }
+            ring.push_used(head, 0);
+        }
+        ring.advance(n);
+        ring.flush();
+        tally.publish_shared(ring.stats());
+        n as usize
+    }
+
+    /// Pipeline model, on a tx PMD: switch and deliver a batch an rx PMD handed over, count
+    /// the verdicts on its source, give the batch back.
+    fn deliver_batch(&mut self, mut batch: Box<Batch>) -> usize {
+        let mut tally = Tally::default();
+        let (src, queue, hdr_len) = (batch.src, batch.queue, batch.hdr_len);
+        for i in 0..batch.n {
+            let total = batch.lens[i];
+            let len = total - hdr_len;
+            self.src.clear();
+            self.src.push(Seg {
+                ptr: batch.slot(i).as_mut_ptr(),
+                len: total,
+            });
+            let v = if batch.tx_offloads {
+                let mut hdr = [0u8; VNET_HDR_LEN];
+                hdr.copy_from_slice(&batch.slot(i)[..VNET_HDR_LEN]);
+                self.forward_with_header(src, queue, &hdr, hdr_len, len)
+            } else {
+                let f = Frame {
+                    segs: &self.src,
+                    skip: hdr_len,
+                    len,
+                    vnet: VnetHdr::NONE,
+                    queue,
+                };
+                self.fabric.forward(src, &f)
+            };
+            tally.count(v, len);
+        }
+        self.fabric.release_held();
+        if let Some(s) = &batch.stats {
+            tally.publish_shared(s);
+        }
+        let n = batch.n;
+        batch.recycle();
+        n
+    }
+
     /// Packed rings out of line: the split-ring path is the one to keep tight.
     #[inline(never)]
     fn switch_packed(

@@ -14,6 +14,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::l2::MacTable;
+use crossbeam_queue::ArrayQueue;
+
+use crate::pipeline::{self, Role};
 use crate::pmd::{Model, PmdError, PmdHandle, Rxq, RxqLoad, Source, MAX_PORTS, MAX_RXQS};
 use crate::port::{NetFeatures, Port};
 use crate::stats::PmdCounters;
@@ -86,6 +89,8 @@ pub struct PmdInfo {
 
 struct State {
     ports: Vec<Option<Arc<Port>>>,
+    /// Per PMD: a pipeline tx PMD, which polls no rx queue.
+    tx_only: Vec<bool>,
     /// Per port: the core each rx queue is pinned to (by queue number; shorter: not pinned).
     affinity: Vec<Vec<usize>>,
     rxqs: Vec<Entry>,
@@ -134,10 +139,29 @@ impl Dataplane {
         auto_lb: Option<AutoLb>,
     ) -> Result<Dataplane, PmdError> {
         let macs = Arc::new(MacTable::new(MAC_TABLE_SIZE));
+        // Pipeline: the last `tx_pmds` PMDs deliver, each from an inbox every rx PMD feeds.
+        let tx_pmds = match model {
+            Model::Pipeline { tx_pmds } => (tx_pmds as usize).min(cores.len()),
+            _ => 0,
+        };
+        let first_tx = cores.len() - tx_pmds;
+        let inboxes: Vec<Arc<pipeline::Queue>> = (0..tx_pmds)
+            .map(|_| Arc::new(ArrayQueue::new(pipeline::INBOX)))
+            .collect();
+        let role = |i: usize| match (tx_pmds, i >= first_tx) {
+            (0, _) => None,
+            (_, true) => Some(Role::Tx {
+                inbox: inboxes[i - first_tx].clone(),
+            }),
+            (_, false) => Some(Role::Rx {
+                inboxes: inboxes.clone(),
+                free: pipeline::free_list(),
+            }),
+        };
         let pmds = cores
             .iter()
             .enumerate()
-            .map(|(i, &c)| PmdHandle::spawn(CoreId(c), i, macs.clone(), model))
+            .map(|(i, &c)| PmdHandle::spawn(CoreId(c), i, macs.clone(), model, role(i)))
             .collect::<Result<Vec<_>, _>>()?;
         let now = Instant::now();
         Ok(Dataplane {
@@ -147,6 +171,7 @@ impl Dataplane {
                 rxqs: Vec::new(),
                 pmd_mark: pmds.iter().map(|p| p.stats().snapshot()).collect(),
                 pmd_window: vec![(0, 0); pmds.len()],
+                tx_only: (0..pmds.len()).map(|i| i >= first_tx).collect(),
                 window_start: now,
                 last_rebalance: now,
             }),
@@ -494,9 +519,9 @@ fn pct(part: u64, whole: u64) -> f64 {
     }
 }
 
-/// Per PMD: a queue is pinned to it.
+/// Per PMD: a queue is pinned to it, or it is a pipeline tx PMD.
 fn isolated(st: &State, n: usize) -> Vec<bool> {
-    let mut v = vec![false; n];
+    let mut v: Vec<bool> = (0..n).map(|i| st.tx_only.get(i) == Some(&true)).collect();
     for e in &st.rxqs {
         if let Some(p) = e.pinned {
             v[p] = true;
@@ -566,6 +591,7 @@ mod tests {
         let now = Instant::now();
         State {
             ports: Vec::new(),
+            tx_only: Vec::new(),
             affinity: Vec::new(),
             rxqs: queues
                 .iter()
