@@ -403,7 +403,7 @@ impl Tally {
     }
 
     /// `publish` for counters two PMDs write (the pipeline's rx and tx PMDs).
-    #[cold]
+    #[inline(never)]
     fn publish_shared(&self, s: &QueueStats) {
         let c = &self.by_verdict;
         s.add_shared(&s.packets, self.packets);
@@ -675,8 +675,9 @@ impl Pmd {
 }
 
 /// Pipeline model, on an rx PMD: copy a burst of the guest's frames into a free batch and
-/// hand it to a tx PMD. Without a free batch the frames stay in the ring (back-pressure).
-#[cold]
+/// hand it to a tx PMD. Without a free batch the frames stay in the ring (back-pressure). Out
+/// of line: the rtc path is the one to keep tight.
+#[inline(never)]
 fn hand_off(
     fwd: &mut Fwd,
     role: &Option<Role>,
