@@ -514,14 +514,8 @@ impl Pmd {
                 busy_queues += 1;
             }
         }
-        if let Some(Role::Tx { inbox }) = &self.role {
-            // At most one inbox's worth per pass, so commands are not starved.
-            for _ in 0..pipeline::INBOX {
-                let Some(batch) = inbox.pop() else {
-                    break;
-                };
-                moved += self.fwd.deliver_batch(batch);
-            }
+        if self.role.is_some() {
+            moved += self.take_batches();
         }
         if moved == 0 {
             return (0, 0);
@@ -579,6 +573,23 @@ impl Pmd {
             },
             Source::Eth => None,
         }
+    }
+
+    /// Pipeline model, on a tx PMD: deliver what the rx PMDs handed over (at most an inbox's
+    /// worth per pass, so commands are not starved).
+    #[inline(never)]
+    fn take_batches(&mut self) -> usize {
+        let Some(Role::Tx { inbox }) = &self.role else {
+            return 0;
+        };
+        let mut moved = 0;
+        for _ in 0..pipeline::INBOX {
+            let Some(batch) = inbox.pop() else {
+                break;
+            };
+            moved += self.fwd.deliver_batch(batch);
+        }
+        moved
     }
 
     /// One burst from rx queue `i`; what it delivered is published (and the destination
