@@ -405,30 +405,34 @@ impl Tally {
     /// `publish` for counters two PMDs write (the pipeline's rx and tx PMDs).
     #[inline(never)]
     fn publish_shared(&self, s: &QueueStats) {
-        let c = &self.by_verdict;
-        s.add_shared(&s.packets, self.packets);
-        s.add_shared(&s.bytes, self.forwarded_bytes);
-        s.add_shared(&s.forwarded, c[Verdict::Forwarded as usize]);
-        s.add_shared(&s.drop_bad_descriptor, c[Verdict::BadDescriptor as usize]);
-        s.add_shared(&s.drop_runt, c[Verdict::Runt as usize]);
-        s.add_shared(&s.drop_too_big, c[Verdict::TooBig as usize]);
-        s.add_shared(&s.drop_no_destination, c[Verdict::NoDestination as usize]);
-        s.add_shared(&s.drop_undelivered, c[Verdict::Undelivered as usize]);
-        s.add_shared(&s.drop_bad_offload, c[Verdict::BadOffload as usize]);
+        self.publish_with(s, QueueStats::add_shared)
     }
 
     #[inline]
     fn publish(&self, s: &QueueStats) {
+        self.publish_with(s, QueueStats::add)
+    }
+
+    #[inline(always)]
+    fn publish_with(&self, s: &QueueStats, add: impl Fn(&QueueStats, &AtomicU64, u64)) {
         let c = &self.by_verdict;
-        s.add(&s.packets, self.packets);
-        s.add(&s.bytes, self.forwarded_bytes);
-        s.add(&s.forwarded, c[Verdict::Forwarded as usize]);
-        s.add(&s.drop_bad_descriptor, c[Verdict::BadDescriptor as usize]);
-        s.add(&s.drop_runt, c[Verdict::Runt as usize]);
-        s.add(&s.drop_too_big, c[Verdict::TooBig as usize]);
-        s.add(&s.drop_no_destination, c[Verdict::NoDestination as usize]);
-        s.add(&s.drop_undelivered, c[Verdict::Undelivered as usize]);
-        s.add(&s.drop_bad_offload, c[Verdict::BadOffload as usize]);
+        add(s, &s.packets, self.packets);
+        add(s, &s.bytes, self.forwarded_bytes);
+        add(s, &s.forwarded, c[Verdict::Forwarded as usize]);
+        add(
+            s,
+            &s.drop_bad_descriptor,
+            c[Verdict::BadDescriptor as usize],
+        );
+        add(s, &s.drop_runt, c[Verdict::Runt as usize]);
+        add(s, &s.drop_too_big, c[Verdict::TooBig as usize]);
+        add(
+            s,
+            &s.drop_no_destination,
+            c[Verdict::NoDestination as usize],
+        );
+        add(s, &s.drop_undelivered, c[Verdict::Undelivered as usize]);
+        add(s, &s.drop_bad_offload, c[Verdict::BadOffload as usize]);
     }
 }
 

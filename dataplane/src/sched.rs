@@ -340,14 +340,6 @@ impl Dataplane {
     /// The PMD (not isolated by a pinned queue, unless all are) with the least load: fewest
     /// queues for `roundrobin`, fewest busy cycles in the last window for `cycles`.
     fn least_loaded(&self, st: &State) -> usize {
-        let isolated = isolated(st, self.pmds.len());
-        let candidates: Vec<usize> = match (0..self.pmds.len())
-            .filter(|&p| !isolated[p])
-            .collect::<Vec<_>>()
-        {
-            v if v.is_empty() => (0..self.pmds.len()).collect(),
-            v => v,
-        };
         let weight = |p: usize| -> u64 {
             let on = st.rxqs.iter().filter(|e| e.pmd == p);
             match self.assign {
@@ -355,7 +347,7 @@ impl Dataplane {
                 Assign::Cycles => on.map(|e| e.window_busy).sum(),
             }
         };
-        candidates
+        open_pmds(st, self.pmds.len())
             .into_iter()
             .min_by_key(|&p| (weight(p), p))
             .unwrap_or(0)
@@ -540,14 +532,19 @@ fn max_load(st: &State, pmd_of: &[usize]) -> u64 {
     load.into_iter().max().unwrap_or(0)
 }
 
+/// The PMDs a queue that is not pinned may go to: those not isolated, or all if every one is.
+fn open_pmds(st: &State, n: usize) -> Vec<usize> {
+    let isolated = isolated(st, n);
+    match (0..n).filter(|&p| !isolated[p]).collect::<Vec<_>>() {
+        v if v.is_empty() => (0..n).collect(),
+        v => v,
+    }
+}
+
 /// A PMD for every queue (indexed like `st.rxqs`): pinned ones where they are pinned, the
 /// others over the PMDs not isolated (all of them, if every one is), by `policy`.
 fn plan(st: &State, n: usize, policy: Assign) -> Vec<usize> {
-    let isolated = isolated(st, n);
-    let mut pmds: Vec<usize> = (0..n).filter(|&p| !isolated[p]).collect();
-    if pmds.is_empty() {
-        pmds = (0..n).collect();
-    }
+    let pmds = open_pmds(st, n);
     let mut out: Vec<usize> = st.rxqs.iter().map(|e| e.pinned.unwrap_or(e.pmd)).collect();
     let mut free: Vec<usize> = (0..st.rxqs.len())
         .filter(|&i| st.rxqs[i].pinned.is_none())
