@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context;
-use dataplane::sched::Assign;
+use dataplane::sched::{Assign, Move};
 use dataplane::stats::QueueCounters;
 use serde_json::{json, Value};
 
@@ -172,8 +172,12 @@ fn rebalance(sw: &Switch, policy: &str) -> anyhow::Result<String> {
         "cycles" => Some(Assign::Cycles),
         p => anyhow::bail!("unknown policy {p:?} (roundrobin or cycles)"),
     };
-    let moves = sw.dp.rebalance(policy)?;
-    let mut out = format!("ok: {} rx queue(s) moved\n", moves.len());
+    Ok(format!("ok: {}", moves_text(sw, &sw.dp.rebalance(policy)?)))
+}
+
+/// The queues that changed PMD, a line each (for `rebalance`, `pin` and auto-rebalance's log).
+pub fn moves_text(sw: &Switch, moves: &[Move]) -> String {
+    let mut out = format!("{} rx queue(s) moved\n", moves.len());
     for m in moves {
         out += &format!(
             "  port {} queue {}: core {} -> core {}\n",
@@ -183,7 +187,7 @@ fn rebalance(sw: &Switch, policy: &str) -> anyhow::Result<String> {
             m.to.0
         );
     }
-    Ok(out)
+    out
 }
 
 /// `pin PORT QUEUE CORE|none`: pin an rx queue to a PMD's core (or unpin it), moving it now.
@@ -200,8 +204,10 @@ fn pin(sw: &Switch, args: &str) -> anyhow::Result<String> {
         "none" => None,
         c => Some(c.parse().context("CORE")?),
     };
-    let moves = sw.dp.pin(id, queue, core)?;
-    Ok(format!("ok: {} rx queue(s) moved\n", moves.len()))
+    Ok(format!(
+        "ok: {}",
+        moves_text(sw, &sw.dp.pin(id, queue, core)?)
+    ))
 }
 
 /// `pmd-stats-show`, as OVS prints it: per PMD, packets, cycles per packet, busy and idle.

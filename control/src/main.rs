@@ -126,16 +126,10 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         sw.report_broken_rings(&mut reported);
         match sw.dp.tick() {
             Ok(moves) if !moves.is_empty() => {
-                log::info!("auto-rebalance: {} rx queue(s) moved", moves.len());
-                for m in moves {
-                    log::info!(
-                        "  port {} queue {}: core {} -> core {}",
-                        sw.port_name(m.port),
-                        m.queue,
-                        m.from.0,
-                        m.to.0
-                    );
-                }
+                log::info!(
+                    "auto-rebalance: {}",
+                    ctl::moves_text(&sw, &moves).trim_end()
+                )
             }
             Ok(_) => {}
             Err(e) => log::error!("auto-rebalance: {e}"),

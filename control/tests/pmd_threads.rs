@@ -166,12 +166,7 @@ fn adaptive_pmd_sleeps_when_idle_and_wakes_on_kicks() {
     let idle = sleeps() - before;
     assert!((3..=20).contains(&idle), "{idle} sleeps in an idle second");
 
-    // SAFETY: a zeroed cpu_set_t with one bit set, passed with its size, for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
-    }
+    run_on_cpu0();
     let cfg = perf::traffic::TrafficConfig {
         frame_len: 64,
         rate: Some(1000.0),
@@ -240,12 +235,7 @@ fn auto_rebalance_spreads_an_overloaded_pmd() {
 fn pipeline_hands_frames_from_the_rx_pmd_to_the_tx_pmd() {
     let dataplane = "pmd_cores = [1, 0]\nmodel = \"pipeline\"\n";
     let sw = Switch::with_config("pipeline", dataplane, &vhost_ports(2));
-    // SAFETY: a zeroed cpu_set_t with one bit set, passed with its size, for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
-    }
+    run_on_cpu0();
     // The tool shares CPU 0 with the busy-polling tx PMD, which may keep it off the CPU for a
     // scheduler slice (up to ~12 ms): a rate its 256-entry rings ride out.
     let cfg = perf::traffic::TrafficConfig {

@@ -12,13 +12,7 @@ use perf::traffic::{hgrm, run, TrafficConfig};
 #[test]
 fn traffic_tool_measures_through_the_switch_without_loss() {
     let sw = Switch::start("traffic", 2);
-    // The tool busy-polls like a guest: on CPU 0, away from the PMD on CPU 1.
-    // SAFETY: a zeroed cpu_set_t with one bit set, passed with its size, for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
-    }
+    run_on_cpu0();
     let cfg = TrafficConfig {
         frame_len: 128,
         rate: Some(200_000.0),

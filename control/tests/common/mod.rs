@@ -384,3 +384,14 @@ pub fn rx_pps_periods(log: &str, ports: usize) -> Vec<u64> {
         .map(|c| c.iter().sum())
         .collect()
 }
+
+/// Run this thread on CPU 0 (a traffic source busy-polls like a guest: away from the PMD on
+/// CPU 1).
+pub fn run_on_cpu0() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, passed with its size, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+    }
+}
