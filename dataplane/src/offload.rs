@@ -99,6 +99,18 @@ impl VnetHdr {
         b
     }
 
+    /// The header as the little-endian words `Writer::write_header` takes, with `num_buffers`
+    /// in bytes 10..12: computed in registers, never stored and loaded back.
+    #[inline]
+    pub fn words(&self, num_buffers: u16) -> (u64, u32) {
+        let lo = self.flags as u64
+            | (self.gso_type as u64) << 8
+            | (self.hdr_len as u64) << 16
+            | (self.gso_size as u64) << 32
+            | (self.csum_start as u64) << 48;
+        (lo, self.csum_offset as u32 | (num_buffers as u32) << 16)
+    }
+
     /// A complete frame: nothing left to do (`parse` zeroes every other field then). Two byte
     /// loads, not one wide load of fields just stored one by one: that cannot be forwarded
     /// from the store buffer (see `Pmd::forward_offloaded`).
@@ -506,6 +518,23 @@ pub(crate) mod tests {
             true
         })?;
         Ok(got)
+    }
+
+    #[test]
+    fn words_are_the_header_bytes() {
+        let h = VnetHdr {
+            flags: 1,
+            gso_type: 4,
+            hdr_len: 0x0102,
+            gso_size: 0x0304,
+            csum_start: 0x0506,
+            csum_offset: 0x0708,
+        };
+        let (lo, hi) = h.words(0x090a);
+        let mut b = lo.to_le_bytes().to_vec();
+        b.extend(hi.to_le_bytes());
+        assert_eq!(&b[..VNET_HDR_LEN], &h.bytes());
+        assert_eq!(&b[10..], &0x090au16.to_le_bytes());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! (DPDK, tap) live in devport.rs; the source side (rx queues) in pmd.rs.
 
 use crate::devport::{EthPort, TapPort};
-use crate::offload::{self, Frame, OffloadCaps, SoftScratch, VNET_HDR_LEN};
+use crate::offload::{self, Frame, OffloadCaps, SoftScratch};
 use crate::stats::QueueStats;
 use crate::txlock::{Holder, TxLock};
 use crate::virtq::copy::Writer;
@@ -369,13 +369,10 @@ fn fill<R: VirtQueue>(
     }
 
     let chains = &scratch.chains[..count as usize];
-    let mut hdr = [0u8; 12];
-    if !f.vnet.is_none() {
-        hdr[..VNET_HDR_LEN].copy_from_slice(&f.vnet.bytes());
-    }
-    hdr[10..12].copy_from_slice(&count.to_le_bytes()); // num_buffers (only read with MRG_RXBUF)
+    // num_buffers (bytes 10..12) is only read with MRG_RXBUF.
+    let (lo, hi) = f.vnet.words(count);
     let mut w = Writer::new(chains);
-    w.write_unless_equal(&hdr[..hdr_len as usize]);
+    w.write_header(lo, hi, hdr_len);
     w.copy_chain(f.segs, f.skip);
 
     let mut left = need;
