@@ -341,7 +341,7 @@ fn fill<R: VirtQueue>(
 ) -> Result<(), RxDrop> {
     let hdr_len = features.hdr_len as u32;
     let need = hdr_len + f.len;
-    ring.prefetch_ahead(RX_PREFETCH_AHEAD);
+    ring.prefetch_ahead(RX_PREFETCH_AHEAD, hdr_len);
 
     // Reserve chains (without consuming them) until they hold the frame.
     let mut count = 0u16;

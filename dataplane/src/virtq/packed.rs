@@ -13,7 +13,7 @@ use super::split::{RingAddrs, RingError};
 use super::*;
 use crate::guest_mem::{DirtyLog, MemTable};
 use crate::stats::QueueStats;
-use crate::{prefetch, prefetch_w};
+use crate::prefetch;
 
 const F_AVAIL: u16 = 1 << 7;
 const F_USED: u16 = 1 << 15;
@@ -351,13 +351,13 @@ impl VirtQueue for PackedRing {
     }
 
     #[inline]
-    fn prefetch_ahead(&self, ahead: u16) {
+    fn prefetch_ahead(&self, ahead: u16, hdr_len: u32) {
         if (ahead as usize) < self.n_pending {
             self.prefetch_desc(self.head_at(ahead));
         }
         if ((ahead / 2) as usize) < self.n_pending {
-            if let Some((p, _)) = self.buffer_at(self.head_at(ahead / 2), 0) {
-                prefetch_w(p);
+            if let Some((p, len)) = self.buffer_at(self.head_at(ahead / 2), 0) {
+                prefetch_rx(p, len, hdr_len);
             }
         }
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::*;
 use crate::guest_mem::{DirtyLog, MemTable};
 use crate::stats::QueueStats;
-use crate::{prefetch, prefetch_w};
+use crate::prefetch;
 
 /// Used entries collected before they are written into the guest's ring (a burst's worth).
 const SHADOW_USED: usize = 64;
@@ -240,14 +240,12 @@ impl SplitRing {
         self.stats.ring_broken.store(1, Ordering::Relaxed);
     }
 
-    /// Start taking ownership of the first bytes (virtio-net header and a small frame) of the
-    /// writable chain `head`: the guest last touched them on its own core. A hint, as
-    /// `prefetch_data`.
+    /// Get the writable chain `head` ready for a frame after a `hdr_len`-byte header: the guest
+    /// last touched it on its own core. A hint, as `prefetch_data`.
     #[inline]
-    pub fn prefetch_rx_buffer(&self, head: u16) {
+    pub fn prefetch_rx_buffer(&self, head: u16, hdr_len: u32) {
         if let Some((p, len)) = self.buffer_at(head, 0) {
-            prefetch_w(p);
-            prefetch_w(p.wrapping_add(len as usize - 1));
+            prefetch_rx(p, len, hdr_len);
         }
     }
 
@@ -364,13 +362,13 @@ impl VirtQueue for SplitRing {
     /// started loading). Frames are written into guest buffers the guest last touched on its own
     /// core; without this every frame waits for a descriptor miss and then a store miss.
     #[inline]
-    fn prefetch_ahead(&self, ahead: u16) {
+    fn prefetch_ahead(&self, ahead: u16, hdr_len: u32) {
         let cached = self.avail_shadow.wrapping_sub(self.last_avail_idx);
         if ahead < cached {
             self.prefetch_desc(self.head_at(ahead));
         }
         if ahead / 2 < cached {
-            self.prefetch_rx_buffer(self.head_at(ahead / 2));
+            self.prefetch_rx_buffer(self.head_at(ahead / 2), hdr_len);
         }
     }
 
