@@ -7,7 +7,7 @@ use crate::devport::{EthPort, TapPort};
 use crate::offload::{self, Frame, OffloadCaps, SoftScratch};
 use crate::stats::QueueStats;
 use crate::txlock::{Holder, TxLock};
-use crate::virtq::copy::Writer;
+use crate::virtq::copy::{PendingCopies, Writer};
 use crate::virtq::{PackedRing, SegList, VirtQueue, Virtq};
 use crate::PortId;
 
@@ -215,9 +215,12 @@ pub(crate) fn deliver_finished(
     let Some(mut soft) = scratch.soft.take() else {
         return Delivery::Refused;
     };
+    // Each frame made is gone once delivered (its buffer is reused for the next).
+    let defer = std::mem::replace(&mut scratch.defer_copies, false);
     let made = offload::finish(f, &mut soft, |frame| {
         matches!(each(frame, scratch), Delivery::Delivered)
     });
+    scratch.defer_copies = defer;
     scratch.soft = Some(soft);
     let Ok(made) = made else {
         return Delivery::BadOffload;
@@ -253,6 +256,12 @@ pub struct RxScratch {
     pub held: Vec<(PortId, u16)>,
     /// For frames finished in software; taken out while in use.
     soft: Option<Box<SoftScratch>>,
+    /// Copies into held guest RX buffers not done yet: run before those queues are flushed,
+    /// and before the frames' sources are handed back.
+    pub copies: PendingCopies,
+    /// Whether the frames now delivered stay where they are until `copies` runs (guest TX
+    /// buffers and mbufs do; a tap's read buffer and software-finished frames do not).
+    pub defer_copies: bool,
 }
 
 impl RxScratch {
@@ -262,6 +271,8 @@ impl RxScratch {
             me,
             held: Vec::with_capacity(crate::pmd::MAX_PORTS * 2),
             soft: Some(Box::default()),
+            copies: PendingCopies::new(),
+            defer_copies: false,
         }
     }
 
@@ -326,6 +337,30 @@ fn fill_packed(
     fill_counted(ring, features, f, scratch)
 }
 
+/// Put off the copy of a small frame that lies in one buffer into one (see `PendingCopies`).
+#[inline]
+fn defer_copy(w: &mut Writer, f: &Frame, allowed: bool, copies: &mut PendingCopies) -> bool {
+    if !allowed || f.len > PendingCopies::MAX_LEN {
+        return false;
+    }
+    let Some(src) = f.segs.contiguous(f.skip, f.len) else {
+        return false;
+    };
+    let Some(dst) = w.reserve(f.len) else {
+        return false;
+    };
+    // SAFETY: `defer_copies` is only set while the frame's source stays put until the copies
+    // run, and `dst` lies in a chain of a queue this PMD holds, whose used index is not
+    // published before they run (`release_held`).
+    if unsafe { copies.push(src, dst, f.len) } {
+        return true;
+    }
+    // Full: this one now, and the writer is past it.
+    // SAFETY: as above; both are valid now.
+    unsafe { crate::virtq::copy::copy_bytes(src, dst, f.len as usize) };
+    true
+}
+
 enum RxDrop {
     NoBuffer,
     TooBig,
@@ -373,7 +408,14 @@ fn fill<R: VirtQueue>(
     let (lo, hi) = f.vnet.words(count);
     let mut w = Writer::new(chains);
     w.write_header(lo, hi, hdr_len);
-    w.copy_chain(f.segs, f.skip);
+    if !defer_copy(
+        &mut w,
+        f,
+        scratch.defer_copies && ring.copies_may_wait(),
+        &mut scratch.copies,
+    ) {
+        w.copy_chain(f.segs, f.skip);
+    }
 
     let mut left = need;
     for c in chains {

@@ -118,6 +118,56 @@ unsafe fn sum_be32(p: *const u8, n: usize) -> u64 {
     }
 }
 
+/// Small frame copies put off to the end of a burst, as DPDK's vhost batches its copies of
+/// small frames: with each frame copied as it was delivered, its stores (into lines the
+/// guest's core had) filled the store buffer and held up the next frame's descriptor loads.
+/// Done in one go, the burst's descriptor misses overlap, and so do its stores.
+pub struct PendingCopies {
+    list: Vec<(*const u8, *mut u8, u32)>,
+}
+
+impl PendingCopies {
+    /// Frames up to this size are put off (DPDK's MAX_BATCH_LEN).
+    pub const MAX_LEN: u32 = 256;
+    const CAPACITY: usize = 256;
+
+    pub fn new() -> Self {
+        PendingCopies {
+            list: Vec::with_capacity(Self::CAPACITY),
+        }
+    }
+
+    /// Put off copying `len` bytes from `src` to `dst`; false if the list is full.
+    ///
+    /// # Safety
+    /// `src` must stay valid for reads and `dst` for writes of `len` bytes until `run`, which
+    /// must come before either is handed back (to its guest, or to the mbuf pool).
+    #[inline]
+    pub unsafe fn push(&mut self, src: *const u8, dst: *mut u8, len: u32) -> bool {
+        if self.list.len() == Self::CAPACITY {
+            return false;
+        }
+        self.list.push((src, dst, len));
+        true
+    }
+
+    /// Do every copy put off.
+    #[inline]
+    pub fn run(&mut self) {
+        for &(src, dst, len) in &self.list {
+            // SAFETY: `push`'s caller keeps both valid until now.
+            unsafe { copy_bytes(src, dst, len as usize) };
+        }
+        self.list.clear();
+    }
+}
+
+impl Default for PendingCopies {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A write position across the segments of several writable chains (mergeable RX buffers).
 pub struct Writer<'a> {
     chains: &'a [SegList],
@@ -219,6 +269,16 @@ impl<'a> Writer<'a> {
         b[..8].copy_from_slice(&lo.to_le_bytes());
         b[8..].copy_from_slice(&hi.to_le_bytes());
         self.write(&b[..(len as usize).min(12)])
+    }
+
+    /// The next `len` bytes, if the current segment has them all: taken, to be written by the
+    /// caller.
+    #[inline]
+    pub fn reserve(&mut self, len: u32) -> Option<*mut u8> {
+        let seg = self.current().filter(|s| s.len - self.off >= len)?;
+        let p = seg.ptr.wrapping_add(self.off as usize);
+        self.off += len;
+        Some(p)
     }
 
     pub fn write(&mut self, bytes: &[u8]) -> u32 {
@@ -336,6 +396,54 @@ mod tests {
         let mut w = Writer::new(&chains);
         assert_eq!(w.copy_chain(&src, 0), 5);
         assert_eq!(w.write(&[1]), 0);
+    }
+
+    #[test]
+    fn contiguous_only_within_one_buffer() {
+        let mut b = vec![vec![0u8; 10], vec![0u8; 20]];
+        let l = list(&mut b);
+        assert_eq!(
+            l.contiguous(2, 8),
+            Some(l.segs()[0].ptr.wrapping_add(2) as *const u8)
+        );
+        assert_eq!(l.contiguous(2, 9), None, "crosses into the second buffer");
+        assert_eq!(
+            l.contiguous(12, 18),
+            Some(l.segs()[1].ptr.wrapping_add(2) as *const u8)
+        );
+        assert_eq!(l.contiguous(12, 19), None, "past the end");
+        assert_eq!(l.contiguous(30, 1), None);
+    }
+
+    #[test]
+    fn reserve_takes_room_in_one_segment_only() {
+        let mut d = vec![vec![0u8; 10], vec![0u8; 20]];
+        let chains = [list(&mut d)];
+        let mut w = Writer::new(&chains);
+        assert_eq!(w.write(&[1, 2, 3, 4]), 4);
+        assert!(w.reserve(7).is_none(), "6 bytes left in the first segment");
+        let p = w.reserve(6).unwrap();
+        assert_eq!(p, chains[0].segs()[0].ptr.wrapping_add(4));
+        assert_eq!(w.reserve(20), Some(chains[0].segs()[1].ptr));
+        assert!(w.reserve(1).is_none());
+    }
+
+    #[test]
+    fn pending_copies_run_in_order_and_refuse_when_full() {
+        let src: Vec<u8> = (0..=255).collect();
+        let mut dst = vec![0u8; 4 * PendingCopies::CAPACITY];
+        let mut c = PendingCopies::new();
+        for i in 0..PendingCopies::CAPACITY {
+            // SAFETY: both ranges lie in the vectors, which outlive `run`.
+            let ok = unsafe { c.push(src.as_ptr().add(i % 200), dst.as_mut_ptr().add(4 * i), 4) };
+            assert!(ok);
+        }
+        // SAFETY: as above.
+        assert!(!unsafe { c.push(src.as_ptr(), dst.as_mut_ptr(), 4) });
+        assert_eq!(dst[4..8], [0; 4], "nothing copied before run");
+        c.run();
+        assert_eq!(dst[4..8], src[1..5]);
+        assert_eq!(dst[4 * 255..4 * 256], src[55..59]);
     }
 
     #[test]

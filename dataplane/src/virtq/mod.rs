@@ -45,6 +45,10 @@ pub trait VirtQueue {
     fn flush(&mut self);
     /// Log (dirty-page log, while migrating) the first `len` bytes of a chain the switch wrote.
     fn log_written(&self, chain: &SegList, len: u32);
+    /// Whether copies into chains taken from it may wait until `flush` (`PendingCopies`):
+    /// nothing given back is visible to the guest before, and no written page must be logged
+    /// (a page is logged after it is written, while migrating).
+    fn copies_may_wait(&self) -> bool;
     fn is_broken(&self) -> bool;
     fn stats(&self) -> &QueueStats;
 }
@@ -261,6 +265,19 @@ impl SegList {
         self.n += 1;
         self.total += seg.len;
         true
+    }
+
+    /// Where the list's bytes `from..from + len` are, if one buffer holds them all.
+    #[inline]
+    pub fn contiguous(&self, from: u32, len: u32) -> Option<*const u8> {
+        let mut from = from;
+        for seg in self.segs() {
+            if from < seg.len {
+                return (seg.len - from >= len).then(|| seg.ptr.wrapping_add(from as usize) as _);
+            }
+            from -= seg.len;
+        }
+        None
     }
 
     /// The pieces of the list's buffers that hold its bytes `from..from + len` (fewer bytes if

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use super::split::{RingAddrs, RingError};
 use super::*;
 use crate::guest_mem::{DirtyLog, MemTable};
-use crate::stats::QueueStats;
 use crate::prefetch;
+use crate::stats::QueueStats;
 
 const F_AVAIL: u16 = 1 << 7;
 const F_USED: u16 = 1 << 15;
@@ -496,6 +496,12 @@ impl VirtQueue for PackedRing {
         if let Some(log) = &self.log {
             log_chain(log, &self.mem, chain, len);
         }
+    }
+
+    /// No: a full shadow is written back mid-burst, and a used descriptor is visible at once.
+    #[inline]
+    fn copies_may_wait(&self) -> bool {
+        false
     }
 
     #[inline]

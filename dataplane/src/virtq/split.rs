@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use super::*;
 use crate::guest_mem::{DirtyLog, MemTable};
-use crate::stats::QueueStats;
 use crate::prefetch;
+use crate::stats::QueueStats;
 
 /// Used entries collected before they are written into the guest's ring (a burst's worth).
 const SHADOW_USED: usize = 64;
@@ -491,6 +491,13 @@ impl VirtQueue for SplitRing {
         if let Some(l) = &self.log {
             log_chain(&l.log, &self.mem, chain, len);
         }
+    }
+
+    /// Used elements are written early only into slots the guest looks at once `flush`
+    /// publishes the index.
+    #[inline]
+    fn copies_may_wait(&self) -> bool {
+        self.log.is_none()
     }
 
     #[inline]
