@@ -17,6 +17,10 @@ pub const MAX_RX_CHAINS: usize = 64;
 /// How many chains ahead RX delivery starts loading descriptors (and half as far, buffers).
 const RX_PREFETCH_AHEAD: u16 = 4;
 
+/// How much of a frame copied at once (not put off) is prefetched before the copy: an MTU-sized
+/// frame; past that the hardware's stream prefetcher has caught up.
+const PREFETCH_FRAME_MAX: u32 = 2048;
+
 /// What the guest negotiated that changes frame layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NetFeatures {
@@ -414,6 +418,12 @@ fn fill<R: VirtQueue>(
         scratch.defer_copies && ring.copies_may_wait(),
         &mut scratch.copies,
     ) {
+        // Both sides' lines requested at once, rather than as the copy (and the hardware's
+        // stream prefetcher behind it) reaches them: v2v 1518 B went from about 500 to 410
+        // cycles per frame.
+        let ahead = f.len.min(PREFETCH_FRAME_MAX);
+        f.segs.prefetch(f.skip, ahead);
+        w.prefetch_w(ahead);
         w.copy_chain(f.segs, f.skip);
     }
 

@@ -2,7 +2,7 @@
 //! path. Runs on a PMD. Sources and destinations may overlap (one frontend may own both ports and
 //! point them at the same memory), so copies are memmove, never copy_nonoverlapping.
 
-use super::{Seg, SegList};
+use super::{prefetch_lines, Seg, SegList};
 
 /// memmove, with sizes up to 64 bytes done inline (headers, 64-byte frames): a call into libc's
 /// memmove per header and per small frame cost more than the copy. Every load comes before any
@@ -269,6 +269,24 @@ impl<'a> Writer<'a> {
         b[..8].copy_from_slice(&lo.to_le_bytes());
         b[8..].copy_from_slice(&hi.to_le_bytes());
         self.write(&b[..(len as usize).min(12)])
+    }
+
+    /// Start taking for writing every cache line of the next `len` bytes.
+    #[inline]
+    pub fn prefetch_w(&self, len: u32) {
+        let (mut left, mut off, mut seg) = (len, self.off, self.seg);
+        for chain in self.chains.iter().skip(self.chain) {
+            for s in chain.segs().iter().skip(seg) {
+                if left == 0 {
+                    return;
+                }
+                let n = s.len.saturating_sub(off).min(left);
+                prefetch_lines(s.ptr.wrapping_add(off as usize), n, crate::prefetch_w);
+                left -= n;
+                off = 0;
+            }
+            seg = 0;
+        }
     }
 
     /// The next `len` bytes, if the current segment has them all: taken, to be written by the

@@ -158,6 +158,16 @@ pub(crate) fn prefetch_rx(p: *mut u8, span: u32, hdr_len: u32) {
     }
 }
 
+/// `hint` every cache line of `len` bytes at `p` (a hint: nothing is dereferenced).
+#[inline]
+pub(crate) fn prefetch_lines(p: *mut u8, len: u32, hint: impl Fn(*const u8)) {
+    let (mut a, end) = (p as usize & !63, p as usize + len as usize);
+    while a < end {
+        hint(a as *const u8);
+        a += 64;
+    }
+}
+
 /// Log (dirty-page log, while migrating) the first `len` bytes of a chain the switch wrote.
 #[inline]
 pub(crate) fn log_chain(log: &DirtyLog, mem: &MemTable, chain: &SegList, len: u32) {
@@ -278,6 +288,14 @@ impl SegList {
             from -= seg.len;
         }
         None
+    }
+
+    /// Start loading every cache line of the list's bytes `from..from + len`.
+    #[inline]
+    pub fn prefetch(&self, from: u32, len: u32) {
+        for piece in self.pieces(from, len) {
+            prefetch_lines(piece.ptr, piece.len, prefetch);
+        }
     }
 
     /// The pieces of the list's buffers that hold its bytes `from..from + len` (fewer bytes if
