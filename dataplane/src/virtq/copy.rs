@@ -274,6 +274,12 @@ impl<'a> Writer<'a> {
     /// Start taking for writing every cache line of the next `len` bytes.
     #[inline]
     pub fn prefetch_w(&self, len: u32) {
+        self.lines_ahead(len, crate::prefetch_w)
+    }
+
+    /// `hint` every cache line of the next `len` bytes (as far as the chains go).
+    #[inline]
+    fn lines_ahead(&self, len: u32, mut hint: impl FnMut(*const u8)) {
         let (mut left, mut off, mut seg) = (len, self.off, self.seg);
         for chain in self.chains.iter().skip(self.chain) {
             for s in chain.segs().iter().skip(seg) {
@@ -281,7 +287,7 @@ impl<'a> Writer<'a> {
                     return;
                 }
                 let n = s.len.saturating_sub(off).min(left);
-                prefetch_lines(s.ptr.wrapping_add(off as usize), n, crate::prefetch_w);
+                prefetch_lines(s.ptr.wrapping_add(off as usize), n, &mut hint);
                 left -= n;
                 off = 0;
             }
@@ -431,6 +437,30 @@ mod tests {
         );
         assert_eq!(l.contiguous(12, 19), None, "past the end");
         assert_eq!(l.contiguous(30, 1), None);
+    }
+
+    #[test]
+    fn lines_ahead_are_every_line_of_the_next_bytes() {
+        // 64-aligned buffers, so the lines are known: 100 bytes, then 200.
+        let mut mem = vec![0u8; 512];
+        let base = mem.as_mut_ptr().wrapping_add(mem.as_ptr().align_offset(64));
+        let chains = [
+            SegList::over_raw(&[(base, 100)]),
+            SegList::over_raw(&[(base.wrapping_add(192), 200)]),
+        ];
+        let lines = |w: &Writer, len| {
+            let mut got = Vec::new();
+            w.lines_ahead(len, |p| got.push((p as usize - base as usize) / 64));
+            got
+        };
+        let mut w = Writer::new(&chains);
+        assert_eq!(w.write(&[0; 60]), 60);
+        // Bytes 60..100 (lines 0 and 1), then 192..252 of the next chain (lines 3).
+        assert_eq!(lines(&w, 100), [0, 1, 3]);
+        assert_eq!(lines(&w, 4), [0]);
+        assert_eq!(lines(&w, 1000), [0, 1, 3, 4, 5, 6]);
+        assert_eq!(w.write(&[0; 40]), 40);
+        assert_eq!(lines(&w, 1), [3], "the first chain is full");
     }
 
     #[test]

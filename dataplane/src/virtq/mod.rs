@@ -160,7 +160,10 @@ pub(crate) fn prefetch_rx(p: *mut u8, span: u32, hdr_len: u32) {
 
 /// `hint` every cache line of `len` bytes at `p` (a hint: nothing is dereferenced).
 #[inline]
-pub(crate) fn prefetch_lines(p: *mut u8, len: u32, hint: impl Fn(*const u8)) {
+pub(crate) fn prefetch_lines(p: *mut u8, len: u32, mut hint: impl FnMut(*const u8)) {
+    if len == 0 {
+        return;
+    }
     let (mut a, end) = (p as usize & !63, p as usize + len as usize);
     while a < end {
         hint(a as *const u8);
@@ -335,6 +338,14 @@ impl SegList {
 
     /// A list over the given buffers (tests).
     #[cfg(test)]
+    pub(crate) fn over_raw(bufs: &[(*mut u8, u32)]) -> SegList {
+        let mut l = SegList::default();
+        for &(ptr, len) in bufs {
+            assert!(l.push(Seg { ptr, len }));
+        }
+        l
+    }
+
     pub(crate) fn over(bufs: &mut [Vec<u8>]) -> SegList {
         let mut l = SegList::default();
         for b in bufs.iter_mut() {
