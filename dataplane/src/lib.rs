@@ -55,34 +55,29 @@ pub struct CoreId(pub usize);
 /// A cache prefetch hint (read); never faults, whatever the address.
 #[inline(always)]
 pub(crate) fn prefetch(p: *const u8) {
-    prefetch_hint::<{ HINT_T0 }>(p)
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 (x86_64 baseline) is a hint that performs no access visible to the
+    // program and cannot fault on any address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// A prefetch with intent to write (PREFETCHW): takes the line exclusive before the store needs
-/// it, instead of loading it shared and upgrading it at the store.
+/// it, instead of loading it shared and upgrading it at the store. Measured with the stores of
+/// guest RX buffers: v2v 1518 B from 385 to 290 cycles per frame, 64 B from 174 to 153.
 #[inline(always)]
 pub(crate) fn prefetch_w(p: *const u8) {
-    prefetch_hint::<{ HINT_ET0 }>(p)
-}
-
-#[cfg(target_arch = "x86_64")]
-const HINT_T0: i32 = std::arch::x86_64::_MM_HINT_T0;
-#[cfg(target_arch = "x86_64")]
-const HINT_ET0: i32 = std::arch::x86_64::_MM_HINT_ET0;
-#[cfg(not(target_arch = "x86_64"))]
-const HINT_T0: i32 = 0;
-#[cfg(not(target_arch = "x86_64"))]
-const HINT_ET0: i32 = 0;
-
-#[inline(always)]
-fn prefetch_hint<const HINT: i32>(p: *const u8) {
+    // `_mm_prefetch::<_MM_HINT_ET0>` compiles to a plain PREFETCHT0 unless the build enables
+    // the `prfchw` target feature, so the instruction is written out.
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: PREFETCH* are hints that perform no access visible to the program and cannot
-    // fault on any address; PREFETCHT0 is x86_64 baseline, and CPUs without PREFETCHW treat it
-    // as a NOP.
+    // SAFETY: a hint that performs no access visible to the program and cannot fault on any
+    // address; CPUs without PREFETCHW execute it as a NOP.
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<HINT>(p as *const i8)
-    };
+        std::arch::asm!("prefetchw [{0}]", in(reg) p, options(nostack, preserves_flags, readonly));
+    }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
 }

@@ -336,7 +336,7 @@ impl SegList {
         got == len
     }
 
-    /// A list over the given buffers (tests).
+    /// A list over raw buffers (tests).
     #[cfg(test)]
     pub(crate) fn over_raw(bufs: &[(*mut u8, u32)]) -> SegList {
         let mut l = SegList::default();
@@ -346,15 +346,14 @@ impl SegList {
         l
     }
 
+    /// A list over the given buffers (tests).
+    #[cfg(test)]
     pub(crate) fn over(bufs: &mut [Vec<u8>]) -> SegList {
-        let mut l = SegList::default();
-        for b in bufs.iter_mut() {
-            assert!(l.push(Seg {
-                ptr: b.as_mut_ptr(),
-                len: b.len() as u32,
-            }));
-        }
-        l
+        let raw: Vec<_> = bufs
+            .iter_mut()
+            .map(|b| (b.as_mut_ptr(), b.len() as u32))
+            .collect();
+        SegList::over_raw(&raw)
     }
 }
 
