@@ -180,12 +180,16 @@ impl Switch {
 
 impl Drop for Switch {
     fn drop(&mut self) {
-        // SAFETY-free: signal by PID, then reap.
+        // Signal by PID, then reap.
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())
             .status();
         let _ = self.child.wait();
+        // A failed test leaves its directory (config, logs) to look at; a passed one, nothing.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
