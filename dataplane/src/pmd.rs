@@ -749,19 +749,7 @@ impl Fwd {
             } else if self.src.total < hdr_len {
                 (Some(Verdict::Runt), 0)
             } else if self.src.total as usize > pipeline::SLOT {
-                let (v, len) = if features.tx_offloads {
-                    self.forward_offloaded(src, queue, hdr_len)
-                } else {
-                    let len = self.src.total - hdr_len;
-                    let f = Frame {
-                        segs: &self.src,
-                        skip: hdr_len,
-                        len,
-                        vnet: VnetHdr::NONE,
-                        queue,
-                    };
-                    (self.fabric.forward(src, &f), len)
-                };
+                let (v, len) = self.forward_walked(src, queue, hdr_len, features.tx_offloads);
                 (Some(v), len)
             } else {
                 let k = batch.n;
@@ -863,18 +851,8 @@ impl Fwd {
                 (Verdict::BadDescriptor, 0)
             } else if self.src.total < hdr_len {
                 (Verdict::Runt, 0)
-            } else if features.tx_offloads {
-                self.forward_offloaded(src, queue, hdr_len)
             } else {
-                let len = self.src.total - hdr_len;
-                let f = Frame {
-                    segs: &self.src,
-                    skip: hdr_len,
-                    len,
-                    vnet: VnetHdr::NONE,
-                    queue,
-                };
-                (self.fabric.forward(src, &f), len)
+                self.forward_walked(src, queue, hdr_len, features.tx_offloads)
             };
             tally.count(v, len);
             ring.push_used(head, 0);
@@ -885,6 +863,30 @@ impl Fwd {
         ring.flush();
         tally.publish(ring.stats());
         n as usize
+    }
+
+    /// Switch the guest frame just walked into `self.src` (at least `hdr_len` bytes), reading
+    /// its virtio-net header only if the guest may leave work in it (`tx_offloads`).
+    #[inline(always)]
+    fn forward_walked(
+        &mut self,
+        src: PortId,
+        queue: u16,
+        hdr_len: u32,
+        tx_offloads: bool,
+    ) -> (Verdict, u32) {
+        if tx_offloads {
+            return self.forward_offloaded(src, queue, hdr_len);
+        }
+        let len = self.src.total - hdr_len;
+        let f = Frame {
+            segs: &self.src,
+            skip: hdr_len,
+            len,
+            vnet: VnetHdr::NONE,
+            queue,
+        };
+        (self.fabric.forward(src, &f), len)
     }
 
     /// Switch the guest frame in `self.src`, whose virtio-net header may leave checksums or
