@@ -776,26 +776,12 @@ impl Fwd {
         let (src, queue, hdr_len) = (batch.src, batch.queue, batch.hdr_len);
         for i in 0..batch.n {
             let total = batch.lens[i];
-            let len = total - hdr_len;
             self.src.clear();
             self.src.push(Seg {
                 ptr: batch.slot(i).as_mut_ptr(),
                 len: total,
             });
-            let v = if batch.tx_offloads {
-                let mut hdr = [0u8; VNET_HDR_LEN];
-                hdr.copy_from_slice(&batch.slot(i)[..VNET_HDR_LEN]);
-                self.forward_with_header(src, queue, &hdr, hdr_len, len)
-            } else {
-                let f = Frame {
-                    segs: &self.src,
-                    skip: hdr_len,
-                    len,
-                    vnet: VnetHdr::NONE,
-                    queue,
-                };
-                self.fabric.forward(src, &f)
-            };
+            let (v, len) = self.forward_walked(src, queue, hdr_len, batch.tx_offloads);
             tally.count(v, len);
         }
         self.fabric.release_held();
@@ -865,8 +851,9 @@ impl Fwd {
         n as usize
     }
 
-    /// Switch the guest frame just walked into `self.src` (at least `hdr_len` bytes), reading
-    /// its virtio-net header only if the guest may leave work in it (`tx_offloads`).
+    /// Switch the guest frame in `self.src` (walked from its ring, or a pipeline batch's slot;
+    /// at least `hdr_len` bytes), reading its virtio-net header only if the guest may leave
+    /// work in it (`tx_offloads`).
     #[inline(always)]
     fn forward_walked(
         &mut self,
