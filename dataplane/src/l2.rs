@@ -52,18 +52,22 @@ impl MacCache {
     }
 }
 
-#[inline]
-pub fn mac_key(mac: &[u8]) -> u64 {
-    let mut k = 0u64;
-    for &b in mac.iter().take(6) {
-        k = (k << 8) | b as u64;
-    }
-    k | VALID
+/// A MAC address as the table knows it: its six bytes in order in the low 48 bits.
+pub fn mac_key(mac: &[u8; 6]) -> u64 {
+    mac.iter().fold(0, |k, &b| (k << 8) | b as u64)
 }
 
-#[inline]
-pub fn is_multicast(mac: &[u8]) -> bool {
-    mac.first().is_some_and(|b| b & 1 != 0)
+/// An Ethernet header's destination and source keys, from its bytes 0..8 and 4..12 read as
+/// little-endian words (`copy::head_words`): two loads and byte swaps instead of twelve bytes.
+#[inline(always)]
+pub fn header_keys(w0: u64, w4: u64) -> (u64, u64) {
+    (w0.swap_bytes() >> 16, w4.swap_bytes() & MAC_BITS)
+}
+
+/// The group bit: the first byte's lowest.
+#[inline(always)]
+pub fn is_multicast(key: u64) -> bool {
+    key & 1 << 40 != 0
 }
 
 #[inline]
@@ -106,11 +110,11 @@ impl MacTable {
     /// Multicast and all-zero sources are not addresses a station can have: never learned (as
     /// the Linux bridge does), so frames *to* 00:00:00:00:00:00 are flooded, not looped back.
     #[inline]
-    pub fn learn(&self, cache: &mut MacCache, mac: &[u8], port: PortId) {
-        if is_multicast(mac) || mac.iter().take(6).all(|&b| b == 0) {
+    pub fn learn(&self, cache: &mut MacCache, key: u64, port: PortId) {
+        if is_multicast(key) || key == 0 {
             return;
         }
-        let key = mac_key(mac);
+        let key = key | VALID;
         let entry = key | (port.0 as u64 & PORT_MASK) << PORT_SHIFT;
         let generation = self.generation.load(Relaxed);
         if cache.learned == (entry, generation) {
@@ -152,8 +156,8 @@ impl MacTable {
     }
 
     #[inline]
-    pub fn lookup(&self, cache: &mut MacCache, mac: &[u8]) -> Option<PortId> {
-        let key = mac_key(mac);
+    pub fn lookup(&self, cache: &mut MacCache, key: u64) -> Option<PortId> {
+        let key = key | VALID;
         // Acquire: the slots read below are at least as new as the change it names.
         let generation = self.generation.load(Acquire);
         if let Some((k, port, g)) = cache.looked_up {
@@ -195,11 +199,11 @@ mod tests {
         fn new(n: usize) -> Self {
             View(MacTable::new(n), MacCache::new(1))
         }
-        fn learn(&mut self, mac: &[u8], port: PortId) {
-            self.0.learn(&mut self.1, mac, port)
+        fn learn(&mut self, mac: &[u8; 6], port: PortId) {
+            self.0.learn(&mut self.1, mac_key(mac), port)
         }
-        fn lookup(&mut self, mac: &[u8]) -> Option<PortId> {
-            self.0.lookup(&mut self.1, mac)
+        fn lookup(&mut self, mac: &[u8; 6]) -> Option<PortId> {
+            self.0.lookup(&mut self.1, mac_key(mac))
         }
         fn forget_port(&mut self, port: PortId) {
             self.0.forget_port(port)
@@ -251,18 +255,33 @@ mod tests {
     fn what_one_pmd_learns_the_other_finds() {
         let t = MacTable::new(64);
         let (mut c0, mut c1) = (MacCache::new(1), MacCache::new(2));
-        let a = [2, 0, 0, 0, 0, 1];
-        assert_eq!(t.lookup(&mut c1, &a), None);
-        t.learn(&mut c0, &a, PortId(7));
-        assert_eq!(t.lookup(&mut c1, &a), Some(PortId(7)));
-        t.learn(&mut c1, &a, PortId(8));
-        assert_eq!(t.lookup(&mut c0, &a), Some(PortId(8)));
-        t.learn(&mut c0, &a, PortId(7));
+        let a = mac_key(&[2, 0, 0, 0, 0, 1]);
+        assert_eq!(t.lookup(&mut c1, a), None);
+        t.learn(&mut c0, a, PortId(7));
+        assert_eq!(t.lookup(&mut c1, a), Some(PortId(7)));
+        t.learn(&mut c1, a, PortId(8));
+        assert_eq!(t.lookup(&mut c0, a), Some(PortId(8)));
+        t.learn(&mut c0, a, PortId(7));
         assert_eq!(
-            t.lookup(&mut c1, &a),
+            t.lookup(&mut c1, a),
             Some(PortId(7)),
             "c0's cache was stale"
         );
+    }
+
+    #[test]
+    fn header_keys_are_the_addresses_in_order() {
+        let hdr: [u8; 12] = [
+            0x01, 0x00, 0x5e, 0x7f, 0x00, 0x01, 0x52, 0x54, 0x00, 0xab, 0xcd, 0xef,
+        ];
+        let w0 = u64::from_le_bytes(hdr[..8].try_into().unwrap());
+        let w4 = u64::from_le_bytes(hdr[4..].try_into().unwrap());
+        let (dst, src) = header_keys(w0, w4);
+        assert_eq!(dst, mac_key(&[0x01, 0x00, 0x5e, 0x7f, 0x00, 0x01]));
+        assert_eq!(src, mac_key(&[0x52, 0x54, 0x00, 0xab, 0xcd, 0xef]));
+        assert_eq!(dst, 0x0100_5e7f_0001);
+        assert!(is_multicast(dst), "01:... is a group address");
+        assert!(!is_multicast(src));
     }
 
     #[test]

@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 
 use crate::dpdk::MbufBurst;
-use crate::l2::{is_multicast, MacCache, MacTable};
+use crate::l2::{header_keys, is_multicast, MacCache, MacTable};
 use crate::offload::{Frame, VnetHdr, VNET_HDR_LEN};
 use crate::pipeline::{self, Batch, Role};
 use crate::port::{Delivery, NetFeatures, Port, RxScratch};
 use crate::stats::{PmdStats, QueueStats};
 use crate::tap::{self, TapIo, TAP_HDR_LEN};
 use crate::txlock::pmd_holder;
-use crate::virtq::copy::gather;
+use crate::virtq::copy::{gather, head_words};
 use crate::virtq::{PackedRing, Seg, SegList, VirtQueue, Virtq};
 use crate::waiter::{Waiter, Waker};
 use crate::{tsc, CoreId, PortId, BURST, MAX_FRAME};
@@ -1003,9 +1003,8 @@ impl Fabric {
         if f.len > MAX_FRAME {
             return Verdict::TooBig;
         }
-        let mut eth = [0u8; 12];
-        gather(f.segs, f.skip, &mut eth);
-        let (dst_mac, src_mac) = eth.split_at(6);
+        let (w0, w4) = head_words(f.segs, f.skip);
+        let (dst_mac, src_mac) = header_keys(w0, w4);
         self.macs.learn(&mut self.mac_cache, src_mac, src);
 
         if !is_multicast(dst_mac) {
