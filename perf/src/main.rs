@@ -2,10 +2,11 @@
 //!   rs-perf median-pps LOG [all] [tx]   median Rx-pps (or Tx-pps) in Mpps of a testpmd
 //!                                       --stats-period log, port 0 or summed over all ports,
 //!                                       first 2 periods skipped
-//!   rs-perf testpmd-cycles LOG          busy cycles per packet from testpmd --record-core-cycles
+//!   rs-perf testpmd-cycles LOG          busy cycles per forwarded packet from testpmd
+//!                                       --record-core-cycles
 //!   rs-perf ringswitch-cycles A.json B.json
-//!                                       busy cycles per packet of PMD 0 between two
-//!                                       `ringswitch ctl stats --json` snapshots
+//!                                       busy cycles of PMD 0 per forwarded packet between
+//!                                       two `ringswitch ctl stats --json` snapshots
 //!   rs-perf plot-hgrm TITLE OUT.svg NAME=FILE.hgrm...
 //!                                       one latency plot with a line per .hgrm file
 
@@ -27,10 +28,7 @@ fn main() -> anyhow::Result<()> {
         Some("ringswitch-cycles") => {
             let a: serde_json::Value = serde_json::from_str(&read(1)?)?;
             let b: serde_json::Value = serde_json::from_str(&read(2)?)?;
-            let d = |k: &str| {
-                b["pmds"][0][k].as_u64().unwrap_or(0) - a["pmds"][0][k].as_u64().unwrap_or(0)
-            };
-            println!("{:.0}", d("busy_cycles") as f64 / d("packets").max(1) as f64);
+            println!("{:.0}", ringswitch_cycles(&a, &b));
         }
         Some("plot-hgrm") if args.len() >= 4 => {
             let mut series = Vec::new();
@@ -77,14 +75,33 @@ fn median_pps(log: &str, all_ports: bool, field: &str) -> f64 {
     s[s.len() / 2] as f64
 }
 
-/// "CPU cycles/packet=123.45 (busy cycles=… / total io packets=…)" from the final statistics.
+/// Busy cycles per *forwarded* packet: testpmd's own "CPU cycles/packet" divides by packets
+/// received, which a backend that drops most of an endless source (net_null into a slower
+/// guest) makes look cheap. From the final statistics: "CPU cycles/packet=… (total cycles=C /
+/// total io packets=…)" and the accumulated "TX-packets: N".
 fn testpmd_cycles(log: &str) -> anyhow::Result<f64> {
-    let re = regex::Regex::new(r"CPU cycles/packet=([0-9.]+)")?;
-    let c = re
-        .captures_iter(log)
-        .last()
+    let last = |re: &str| -> anyhow::Result<Option<u64>> {
+        let re = regex::Regex::new(re)?;
+        Ok(re.captures_iter(log).last().and_then(|c| c[1].parse().ok()))
+    };
+    let cycles = last(r"CPU cycles/packet=[0-9.]+ \((?:total|busy) cycles=(\d+)")?
         .context("no 'CPU cycles/packet=' in testpmd log (run with --record-core-cycles)")?;
-    Ok(c[1].parse()?)
+    let sent = last(r"Accumulated forward statistics[^\n]*\n[^\n]*\n\s*TX-packets:\s+(\d+)")?
+        .context("no accumulated forward statistics in testpmd log")?;
+    Ok(cycles as f64 / sent.max(1) as f64)
+}
+
+/// PMD 0's busy cycles between two snapshots per frame forwarded by any port in between.
+fn ringswitch_cycles(a: &serde_json::Value, b: &serde_json::Value) -> f64 {
+    let busy = |s: &serde_json::Value| s["pmds"][0]["busy_cycles"].as_u64().unwrap_or(0);
+    let forwarded = |s: &serde_json::Value| -> u64 {
+        let ports = s["ports"].as_array().map(Vec::as_slice).unwrap_or_default();
+        ports
+            .iter()
+            .map(|p| p["from_port"]["forwarded"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    (busy(b) - busy(a)) as f64 / (forwarded(b) - forwarded(a)).max(1) as f64
 }
 
 #[cfg(test)]
@@ -106,8 +123,25 @@ mod tests {
         assert_eq!(median_pps(&log, false, "Rx-pps"), 20000.0);
         assert_eq!(median_pps(&log, true, "Rx-pps"), 40001.0);
         assert_eq!(median_pps(&log, false, "Tx-pps"), 200.0);
-        let t = "  CPU cycles/packet=95.31 (busy cycles=1 / total io packets=2) at 2000 MHz Clock";
-        assert_eq!(testpmd_cycles(t).unwrap(), 95.31);
+        let t = "  +++++++++++++++ Accumulated forward statistics for all ports+++++++++++++++
+  RX-packets: 400            RX-dropped: 0             RX-total: 400
+  TX-packets: 100            TX-dropped: 300           TX-total: 400
+  ++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++
+
+  CPU cycles/packet=95.31 (total cycles=38124 / total io packets=400) at 2000 MHz Clock";
+        assert_eq!(
+            testpmd_cycles(t).unwrap(),
+            381.24,
+            "per packet sent on, not received"
+        );
         assert!(testpmd_cycles("nothing").is_err());
+        let snap = |busy: u64, fwd: [u64; 2]| {
+            serde_json::json!({"pmds": [{"busy_cycles": busy, "packets": 1}],
+                "ports": [{"from_port": {"forwarded": fwd[0]}}, {"from_port": {"forwarded": fwd[1]}}]})
+        };
+        assert_eq!(
+            ringswitch_cycles(&snap(1000, [5, 5]), &snap(5000, [25, 25])),
+            100.0
+        );
     }
 }
