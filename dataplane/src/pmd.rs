@@ -530,7 +530,9 @@ impl Pmd {
         for q in self.rxqs.iter().filter(|q| q.burst > 0) {
             let share = match busy_queues {
                 1 => busy,
-                _ => (busy as u128 * q.burst as u128 / moved as u128) as u64,
+                // One iteration's cycles times a burst is far from overflowing; a u128
+                // division is a call into compiler-rt.
+                _ => busy.saturating_mul(q.burst as u64) / moved as u64,
             };
             bump(&q.load.busy_cycles, share);
             bump(&q.load.packets, q.burst as u64);
