@@ -15,7 +15,7 @@ use crate::PortId;
 pub const MAX_RX_CHAINS: usize = 64;
 
 /// How many chains ahead RX delivery starts loading descriptors (and half as far, buffers).
-const RX_PREFETCH_AHEAD: u16 = 4;
+const RX_PREFETCH_AHEAD: u16 = 8;
 
 /// How much of a frame copied at once (not put off) is prefetched before the copy: an MTU-sized
 /// frame; past that the hardware's stream prefetcher has caught up.
