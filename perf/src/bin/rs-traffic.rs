@@ -175,7 +175,7 @@ fn main() -> anyhow::Result<()> {
             "{}",
             json!({
                 "size": args.size, "offered_rate": rate, "seconds": r.seconds,
-                "sent": r.sent, "received": r.received, "lost": r.lost, "reordered": r.reordered,
+                "sent": r.sent, "received": r.received, "lost": r.lost, "reordered": r.reordered, "late": r.late,
                 "offered_mpps": r.offered_mpps(), "received_mpps": r.received_mpps(),
                 "latency_us": latency_json(&r),
             })
