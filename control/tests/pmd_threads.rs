@@ -131,7 +131,7 @@ fn pinned_queues_isolate_their_pmd() {
     drop(sw);
 
     let bad = "[[port]]\nname = \"p0\"\ntype = \"vhost-user\"\nsocket = \"{dir}/p0.sock\"\npmd_rxq_affinity = [3]\n";
-    let dir = tmpdir("pinned-bad");
+    let dir = TestDir::new("pinned-bad");
     std::fs::write(
         dir.join("main.toml"),
         format!(

@@ -13,7 +13,7 @@ use perf::frontend::{Device, DriverRing, GuestMemory, VIRTQ_DESC_F_WRITE};
 
 #[test]
 fn client_mode_port_reconnects_after_a_switch_restart() {
-    let dir = tmpdir("restart-frontend");
+    let dir = TestDir::new("restart-frontend");
     let sock = dir.join("guest.sock");
     let listener = UnixListener::bind(&sock).unwrap();
     let port = format!(

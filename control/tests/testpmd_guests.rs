@@ -241,7 +241,7 @@ fn frames_arrive_intact(tag: &str, virtio: &str) {
 /// The switch refuses a bad configuration with the file, line and key, and starts nothing.
 #[test]
 fn bad_config_is_refused_with_file_line_and_key() {
-    let dir = tmpdir("badcfg");
+    let dir = TestDir::new("badcfg");
     let main = dir.join("main.toml");
     std::fs::write(&main, "[dataplane]\npmd_cores = [1]\n[[port]]\nname = \"x\"\ntype = \"vhost-user\"\nsockett = \"/tmp/x\"\n").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringswitch"))
@@ -318,7 +318,7 @@ fn add_and_del_port_at_run_time_drop_nothing() {
 /// virtio-user server mode does not accept a new backend after its first one vanished.)
 #[test]
 fn client_mode_ports_reconnect_to_a_restarted_frontend() {
-    let sw_dir = tmpdir("client-guests");
+    let sw_dir = TestDir::new("client-guests");
     let socks = [sw_dir.join("g0.sock"), sw_dir.join("g1.sock")];
     let ports: String = socks
         .iter()

@@ -16,6 +16,31 @@ pub fn tmpdir(tag: &str) -> PathBuf {
     d
 }
 
+/// A test's own directory (for tests without a `Switch`, which owns one): removed when the
+/// test passes, left to look at when it fails, as a `Switch`'s.
+pub struct TestDir(pub PathBuf);
+
+impl TestDir {
+    pub fn new(tag: &str) -> TestDir {
+        TestDir(tmpdir(tag))
+    }
+}
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let t = Instant::now();
     while !ok() {
