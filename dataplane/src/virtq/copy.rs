@@ -78,23 +78,12 @@ pub fn gather(src: &SegList, mut skip: u32, out: &mut [u8]) -> usize {
 #[inline(always)]
 pub fn head_words(src: &SegList, skip: u32) -> (u64, u64) {
     use std::ptr::read_unaligned as rd;
-    let mut off = skip;
-    for seg in src.segs() {
-        if off >= seg.len {
-            off -= seg.len;
-            continue;
-        }
-        if seg.len - off >= 12 {
-            // SAFETY: seg was bounds-checked against mapped guest memory when the chain was
-            // walked, and off + 12 <= seg.len.
-            return unsafe {
-                let p = seg.ptr.add(off as usize);
-                (rd(p as *const u64), rd(p.add(4) as *const u64))
-            };
-        }
-        break;
-    }
-    head_words_gathered(src, skip)
+    let Some(p) = src.contiguous(skip, 12) else {
+        return head_words_gathered(src, skip);
+    };
+    // SAFETY: the 12 bytes at p lie in one of the chain's buffers, which were bounds-checked
+    // against mapped guest memory when the chain was walked.
+    unsafe { (rd(p as *const u64), rd(p.add(4) as *const u64)) }
 }
 
 #[cold]
