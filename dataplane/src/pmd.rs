@@ -35,6 +35,8 @@ pub const MAX_PORTS: usize = 256;
 pub const MAX_RXQS: usize = 1024;
 /// How long control waits for a PMD to acknowledge a command before calling it stuck.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many frames ahead of the one being switched a guest TX burst loads frame data.
+const TX_DATA_AHEAD: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PmdError {
@@ -828,13 +830,16 @@ impl Fwd {
             *h = ring.head_at(i as u16);
             ring.prefetch_desc(*h);
         }
-        for &h in heads.iter() {
+        for &h in heads.iter().take(TX_DATA_AHEAD) {
             ring.prefetch_data(h, hdr_len);
         }
         let mut tally = Tally::default();
         // The burst's chains go back to the guest only after the copies out of them ran.
         self.fabric.rx.defer_copies = true;
-        for &head in heads.iter() {
+        for (i, &head) in heads.iter().enumerate() {
+            if let Some(&h) = heads.get(i + TX_DATA_AHEAD) {
+                ring.prefetch_data(h, hdr_len);
+            }
             let (v, len) = if ring.walk_chain(head, false, &mut self.src).is_err() {
                 (Verdict::BadDescriptor, 0)
             } else if self.src.total < hdr_len {
