@@ -20,8 +20,9 @@ pub struct EthTxq {
     queue: u16,
     /// Fresh mbufs from the port's pool, taken in bulk.
     fresh: MbufBurst,
-    /// Filled mbufs waiting for the end of the burst.
+    /// Filled mbufs waiting for the end of the burst, and their bytes.
     pending: MbufBurst,
+    pending_bytes: u64,
     stats: Arc<QueueStats>,
 }
 
@@ -56,6 +57,7 @@ impl EthPort {
                         queue: q as u16,
                         fresh: MbufBurst::default(),
                         pending: MbufBurst::default(),
+                        pending_bytes: 0,
                         stats,
                     })
                 })
@@ -69,7 +71,13 @@ impl EthPort {
     /// Copy a frame into a fresh mbuf of the PMD's TX queue, sent when the burst is flushed.
     #[inline]
     pub(crate) fn deliver(&self, f: &Frame, scratch: &mut RxScratch) -> Delivery {
-        let q = scratch.pmd_index() % self.tx.len().max(1);
+        // No division in the usual case of a queue per PMD (it is on every frame's path).
+        let pmd = scratch.pmd_index();
+        let q = if pmd < self.tx.len() {
+            pmd
+        } else {
+            pmd % self.tx.len().max(1)
+        };
         let Some(lock) = self.tx.get(q) else {
             return Delivery::NoQueue;
         };
@@ -103,6 +111,7 @@ impl EthTxq {
             self.flush(dev.port_id);
         }
         self.pending.push(m);
+        self.pending_bytes += f.len as u64;
         Delivery::Delivered
     }
 
@@ -113,7 +122,7 @@ impl EthTxq {
             return;
         }
         let queued = self.pending.len();
-        let mut bytes = self.pending.bytes();
+        let mut bytes = std::mem::take(&mut self.pending_bytes);
         let sent = self.pending.tx(port_id, self.queue);
         if sent < queued {
             bytes -= self.pending.bytes();
