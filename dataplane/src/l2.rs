@@ -38,6 +38,17 @@ pub struct MacCache {
     learned: (u64, u64),
     /// The last lookup and its answer, valid while the generation is unchanged.
     looked_up: Option<(u64, Option<PortId>, u64)>,
+    /// The last frame's addresses, source port and table generation, and where it went.
+    last_frame: Option<(FrameKey, Option<PortId>)>,
+}
+
+/// What decides where a frame goes: its addresses, the port it came from, and the table then.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FrameKey {
+    dst: u64,
+    src: u64,
+    port: PortId,
+    generation: u64,
 }
 
 impl MacCache {
@@ -48,6 +59,7 @@ impl MacCache {
             changes: 0,
             learned: (0, 0),
             looked_up: None,
+            last_frame: None,
         }
     }
 }
@@ -174,6 +186,35 @@ impl MacTable {
         port
     }
 
+    /// Learn a frame's source (`src` behind `port`) and say where its destination `dst` is:
+    /// None to flood it (multicast, or not known). A frame that repeats the last one's
+    /// addresses and port while the table is unchanged gets the last answer with one
+    /// comparison: a burst is mostly one flow.
+    #[inline]
+    pub fn switch(&self, cache: &mut MacCache, dst: u64, src: u64, port: PortId) -> Option<PortId> {
+        let key = FrameKey {
+            dst,
+            src,
+            port,
+            // Acquire, as in `lookup`. Read before learning: a change made meanwhile (ours or
+            // another PMD's) makes the next frame look again, never keeps a stale answer.
+            generation: self.generation.load(Acquire),
+        };
+        if let Some((last, answer)) = cache.last_frame {
+            if last == key {
+                return answer;
+            }
+        }
+        self.learn(cache, src, port);
+        let answer = if is_multicast(dst) {
+            None
+        } else {
+            self.lookup(cache, dst)
+        };
+        cache.last_frame = Some((key, answer));
+        answer
+    }
+
     /// Drop every address learned on `port` (it was removed or its guest went away).
     pub fn forget_port(&self, port: PortId) {
         for slot in self.slots.iter() {
@@ -291,5 +332,38 @@ mod tests {
             t.learn(&[2, 0, 0, 0, 1, i], PortId(i as u16));
         }
         assert_eq!(t.lookup(&[2, 0, 0, 0, 1, 99]), Some(PortId(99)));
+    }
+
+    #[test]
+    fn a_repeated_frame_gets_the_last_answer_until_the_table_changes() {
+        let t = MacTable::new(64);
+        let (mut pmd0, mut pmd1) = (MacCache::new(1), MacCache::new(2));
+        let a = mac_key(&[2, 0, 0, 0, 0, 1]);
+        let b = mac_key(&[2, 0, 0, 0, 0, 2]);
+        let group = mac_key(&[0x01, 0, 0x5e, 0, 0, 1]);
+        assert_eq!(
+            t.switch(&mut pmd0, b, a, PortId(1)),
+            None,
+            "b unknown: flood"
+        );
+        assert_eq!(
+            t.lookup(&mut pmd1, a),
+            Some(PortId(1)),
+            "the source was learned"
+        );
+        // Another PMD learns b: the repeated frame must not keep its old answer.
+        t.learn(&mut pmd1, b, PortId(2));
+        assert_eq!(t.switch(&mut pmd0, b, a, PortId(1)), Some(PortId(2)));
+        assert_eq!(t.switch(&mut pmd0, b, a, PortId(1)), Some(PortId(2)));
+        // The same addresses from another port: a moved, learned again.
+        assert_eq!(t.switch(&mut pmd0, b, a, PortId(3)), Some(PortId(2)));
+        assert_eq!(t.lookup(&mut pmd1, a), Some(PortId(3)));
+        t.forget_port(PortId(2));
+        assert_eq!(t.switch(&mut pmd0, b, a, PortId(3)), None, "b forgotten");
+        assert_eq!(
+            t.switch(&mut pmd0, group, a, PortId(3)),
+            None,
+            "a group is flooded"
+        );
     }
 }

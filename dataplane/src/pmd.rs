@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 
 use crate::dpdk::MbufBurst;
-use crate::l2::{header_keys, is_multicast, MacCache, MacTable};
+use crate::l2::{header_keys, MacCache, MacTable};
 use crate::offload::{Frame, VnetHdr, VNET_HDR_LEN};
 use crate::pipeline::{self, Batch, Role};
 use crate::port::{Delivery, NetFeatures, Port, RxScratch};
@@ -1002,7 +1002,7 @@ impl Fabric {
     }
 
     /// Switch one frame that arrived on port `src`.
-    #[inline]
+    #[inline(always)]
     fn forward(&mut self, src: PortId, f: &Frame) -> Verdict {
         if f.len < 14 {
             return Verdict::Runt;
@@ -1012,23 +1012,19 @@ impl Fabric {
         }
         let (w0, w4) = head_words(f.segs, f.skip);
         let (dst_mac, src_mac) = header_keys(w0, w4);
-        self.macs.learn(&mut self.mac_cache, src_mac, src);
-
-        if !is_multicast(dst_mac) {
-            if let Some(dst) = self.macs.lookup(&mut self.mac_cache, dst_mac) {
-                if dst == src {
-                    return Verdict::NoDestination;
-                }
-                let Some(port) = self.ports.get(dst.0 as usize).and_then(|p| p.as_deref()) else {
-                    return Verdict::NoDestination;
-                };
-                return match deliver(&self.ports, &mut self.rx, port, f) {
-                    Delivery::Delivered => Verdict::Forwarded,
-                    Delivery::NoQueue | Delivery::Busy => Verdict::NoDestination,
-                    Delivery::Refused => Verdict::Undelivered,
-                    Delivery::BadOffload => Verdict::BadOffload,
-                };
+        if let Some(dst) = self.macs.switch(&mut self.mac_cache, dst_mac, src_mac, src) {
+            if dst == src {
+                return Verdict::NoDestination;
             }
+            let Some(port) = self.ports.get(dst.0 as usize).and_then(|p| p.as_deref()) else {
+                return Verdict::NoDestination;
+            };
+            return match deliver(&self.ports, &mut self.rx, port, f) {
+                Delivery::Delivered => Verdict::Forwarded,
+                Delivery::NoQueue | Delivery::Busy => Verdict::NoDestination,
+                Delivery::Refused => Verdict::Undelivered,
+                Delivery::BadOffload => Verdict::BadOffload,
+            };
         }
         // Broadcast, multicast and unknown unicast: flood to every other port.
         let (mut delivered, mut refused, mut bad) = (false, false, false);
