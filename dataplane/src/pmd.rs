@@ -822,8 +822,10 @@ impl Fwd {
         if n == 0 {
             return 0;
         }
-        // Every descriptor and frame of the burst was written on the guest's core: start all
-        // those cache misses together instead of taking them one frame at a time.
+        // Every descriptor and frame of the burst was written on the guest's core: start the
+        // descriptors' misses together, and each frame's TX_DATA_AHEAD frames before it is
+        // switched (asked for all at once, the descriptors read for their addresses had to be
+        // fetched again by the time the frames were walked).
         let mut heads = [0u16; BURST];
         let heads = &mut heads[..n as usize];
         for (i, h) in heads.iter_mut().enumerate() {
