@@ -190,7 +190,7 @@ impl MacTable {
     /// None to flood it (multicast, or not known). A frame that repeats the last one's
     /// addresses and port while the table is unchanged gets the last answer with one
     /// comparison: a burst is mostly one flow.
-    #[inline]
+    #[inline(always)]
     pub fn switch(&self, cache: &mut MacCache, dst: u64, src: u64, port: PortId) -> Option<PortId> {
         let key = FrameKey {
             dst,
