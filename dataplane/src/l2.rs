@@ -122,7 +122,7 @@ impl MacTable {
     /// Multicast and all-zero sources are not addresses a station can have: never learned (as
     /// the Linux bridge does), so frames *to* 00:00:00:00:00:00 are flooded, not looped back.
     #[inline]
-    pub fn learn(&self, cache: &mut MacCache, key: u64, port: PortId) {
+    fn learn(&self, cache: &mut MacCache, key: u64, port: PortId) {
         if is_multicast(key) || key == 0 {
             return;
         }
@@ -168,7 +168,7 @@ impl MacTable {
     }
 
     #[inline]
-    pub fn lookup(&self, cache: &mut MacCache, key: u64) -> Option<PortId> {
+    fn lookup(&self, cache: &mut MacCache, key: u64) -> Option<PortId> {
         let key = key | VALID;
         // Acquire: the slots read below are at least as new as the change it names.
         let generation = self.generation.load(Acquire);
