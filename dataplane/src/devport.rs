@@ -15,6 +15,9 @@ use crate::txlock::TxLock;
 use crate::virtq::copy::gather;
 use crate::PortId;
 
+/// The largest frame whose lines `EthTxq::push` demotes (as `PendingCopies::MAX_LEN`).
+const DEMOTE_MAX: u32 = 256;
+
 /// One TX queue of a DPDK port, held by a PMD for a burst.
 pub struct EthTxq {
     queue: u16,
@@ -81,20 +84,25 @@ impl EthPort {
         let Some(lock) = self.tx.get(q) else {
             return Delivery::NoQueue;
         };
+        let demote = scratch.demote_sources;
         let Some(txq) = scratch.hold(self.id, q, lock) else {
             return Delivery::Busy;
         };
         if f.vnet.is_none() {
-            return txq.push(&self.dev, f);
+            return txq.push(&self.dev, f, demote);
         }
         let stats = txq.stats.clone();
-        deliver_finished(f, scratch, &stats, |frame, _| txq.push(&self.dev, frame))
+        deliver_finished(f, scratch, &stats, |frame, _| {
+            txq.push(&self.dev, frame, false)
+        })
     }
 }
 
 impl EthTxq {
+    /// Copy `f` into an mbuf and queue it; `demote`: then demote the lines it came from, if
+    /// a small frame (see `RxScratch::demote_sources`).
     #[inline]
-    fn push(&mut self, dev: &EthDev, f: &Frame) -> Delivery {
+    fn push(&mut self, dev: &EthDev, f: &Frame, demote: bool) -> Delivery {
         let s = &self.stats;
         let Some(mut m) = self.fresh.take(dev.pool()) else {
             s.add(&s.drop_no_mbuf, 1);
@@ -106,6 +114,9 @@ impl EthTxq {
             // Larger than an mbuf of this pool holds (the pool is sized for the largest MTU).
             s.add(&s.drop_too_big, 1);
             return Delivery::Refused;
+        }
+        if demote && f.len <= DEMOTE_MAX {
+            f.segs.demote(f.skip, f.len);
         }
         if self.pending.is_full() {
             self.flush(dev.port_id);

@@ -65,6 +65,20 @@ pub fn prefetch(p: *const u8) {
     let _ = p;
 }
 
+/// Done with the line at `p` for now (CLDEMOTE): move it from this core's caches to the shared
+/// last level, where the core that touches it next finds it without snooping this one.
+#[inline(always)]
+pub fn demote(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a hint that changes no architectural state; its encoding is a NOP on CPUs
+    // without CLDEMOTE. Callers pass lines of mapped buffers they have just read.
+    unsafe {
+        std::arch::asm!("cldemote [{0}]", in(reg) p, options(nostack, preserves_flags, readonly));
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// A prefetch with intent to write (PREFETCHW): takes the line exclusive before the store needs
 /// it, instead of loading it shared and upgrading it at the store. Measured with the stores of
 /// guest RX buffers: v2v 1518 B from 385 to 290 cycles per frame, 64 B from 174 to 153.

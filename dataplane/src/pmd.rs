@@ -818,7 +818,8 @@ impl Fwd {
         features: NetFeatures,
     ) -> usize {
         let hdr_len = features.hdr_len as u32;
-        let n = ring.avail_pending().min(BURST as u16);
+        let pending = ring.avail_pending();
+        let n = pending.min(BURST as u16);
         if n == 0 {
             return 0;
         }
@@ -838,6 +839,10 @@ impl Fwd {
         let mut tally = Tally::default();
         // The burst's chains go back to the guest only after the copies out of them ran.
         self.fabric.rx.defer_copies = true;
+        // All the guest has sent fits in this burst (always so for a packed ring, which shows
+        // at most a burst): the PMD keeps up with the guest, and can spend on handing the
+        // guest's lines back.
+        self.fabric.rx.demote_sources = pending <= BURST as u16;
         for (i, &head) in heads.iter().enumerate() {
             if let Some(&h) = heads.get(i + TX_DATA_AHEAD) {
                 ring.prefetch_data(h, hdr_len);
@@ -853,6 +858,7 @@ impl Fwd {
             ring.push_used(head, 0);
         }
         self.fabric.rx.defer_copies = false;
+        self.fabric.rx.demote_sources = false;
         self.fabric.release_held();
         ring.advance(n);
         ring.flush();

@@ -301,6 +301,14 @@ impl SegList {
         }
     }
 
+    /// Demote (`crate::demote`) every cache line of the list's bytes `from..from + len`.
+    #[inline]
+    pub fn demote(&self, from: u32, len: u32) {
+        for piece in self.pieces(from, len) {
+            prefetch_lines(piece.ptr, piece.len, crate::demote);
+        }
+    }
+
     /// The pieces of the list's buffers that hold its bytes `from..from + len` (fewer bytes if
     /// the list is shorter).
     pub fn pieces(&self, mut from: u32, mut len: u32) -> impl Iterator<Item = Seg> + '_ {
