@@ -20,6 +20,9 @@ pub use split::{RingError, SplitRing};
 /// What the PMD does with a virtqueue, split or packed. Chains are taken in the order the
 /// driver made them available and given back in the same order.
 pub trait VirtQueue {
+    /// Whether `avail_pending` counts every chain the driver made available (a split ring's
+    /// index says so; a packed ring is scanned for a burst's worth at most).
+    const COUNTS_ALL_PENDING: bool;
     /// How many chains are available (up to a burst's worth for packed rings); marks the ring
     /// broken if the driver's index is impossible.
     fn avail_pending(&mut self) -> u16;

@@ -318,6 +318,8 @@ impl PackedRing {
 }
 
 impl VirtQueue for PackedRing {
+    const COUNTS_ALL_PENDING: bool = false;
+
     #[inline]
     fn avail_pending(&mut self) -> u16 {
         self.scan_dry = false;

@@ -309,6 +309,8 @@ impl SplitRing {
 }
 
 impl VirtQueue for SplitRing {
+    const COUNTS_ALL_PENDING: bool = true;
+
     /// How many chains the guest has made available beyond `last_avail_idx`. One acquire load,
     /// paired with the guest's release (wmb) before it publishes `avail.idx`: ring entries and
     /// descriptors read after this see what the guest wrote before the index.
