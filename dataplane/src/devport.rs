@@ -12,11 +12,11 @@ use crate::port::{deliver_finished, Delivery, RxScratch};
 use crate::stats::QueueStats;
 use crate::tap::{self, Tap, TapIo};
 use crate::txlock::TxLock;
-use crate::virtq::copy::gather;
+use crate::virtq::copy::{gather, PendingCopies};
 use crate::PortId;
 
-/// The largest frame whose lines `EthTxq::push` demotes (as `PendingCopies::MAX_LEN`).
-const DEMOTE_MAX: u32 = 256;
+/// The largest frame whose lines `EthTxq::push` demotes: a small frame, as for deferred copies.
+const DEMOTE_MAX: u32 = PendingCopies::MAX_LEN;
 
 /// One TX queue of a DPDK port, held by a PMD for a burst.
 pub struct EthTxq {
