@@ -151,9 +151,9 @@ pub(crate) fn prefetch_span(
 /// Hints for an RX buffer at `p` (`span` bytes mapped there): its header is read, for it is
 /// only stored when it differs (`Writer::write_header`), and the lines of the frame's first 64
 /// bytes are taken for writing. Taking the buffer's first line instead missed the frame's own
-/// line whenever the header ends a line, as it does in DPDK's and Linux's RX buffers. A header
-/// on the frame's first line is not asked for apart: a read, then a write, of a line the guest
-/// holds is two transfers.
+/// line whenever the header ends a line, as it does in DPDK's RX buffers. A header on the
+/// frame's first line (a buffer that starts with it, as Linux's mergeable ones do) is not asked
+/// for apart: a read, then a write, of a line the guest holds is two transfers.
 #[inline]
 pub(crate) fn prefetch_rx(p: *mut u8, span: u32, hdr_len: u32) {
     let frame = p.wrapping_add(hdr_len as usize);
