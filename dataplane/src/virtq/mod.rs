@@ -156,14 +156,17 @@ pub(crate) fn prefetch_span(
 /// for apart: a read, then a write, of a line the guest holds is two transfers.
 #[inline]
 pub(crate) fn prefetch_rx(p: *mut u8, span: u32, hdr_len: u32) {
+    if hdr_len >= span {
+        // The frame starts in another buffer: only the header is here.
+        prefetch(p);
+        return;
+    }
     let frame = p.wrapping_add(hdr_len as usize);
-    if hdr_len >= span || (p as usize ^ frame as usize) >= 64 {
+    if (p as usize ^ frame as usize) >= 64 {
         prefetch(p);
     }
-    if hdr_len < span {
-        prefetch_w(frame);
-        prefetch_w(p.wrapping_add((hdr_len + 63).min(span - 1) as usize));
-    }
+    prefetch_w(frame);
+    prefetch_w(p.wrapping_add((hdr_len + 63).min(span - 1) as usize));
 }
 
 /// `hint` every cache line of `len` bytes at `p` (a hint: nothing is dereferenced).
