@@ -859,9 +859,13 @@ impl Fwd {
         }
         self.fabric.rx.defer_copies = false;
         self.fabric.rx.demote_sources = false;
-        self.fabric.release_held();
+        // Once the put-off copies ran, no frame is needed from the guest's buffers: they go
+        // back before the destinations are flushed (a DPDK TX burst, which frees a burst of
+        // mbufs), as soon as possible to a guest whose ring this PMD drains.
+        self.fabric.rx.copies.run();
         ring.advance(n);
         ring.flush();
+        self.fabric.release_held();
         tally.publish(ring.stats());
         n as usize
     }
