@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
 pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
@@ -216,6 +217,11 @@ impl DriverRing {
         idx
     }
 
+    /// The backend's `avail_event` (EVENT_IDX: it wants a kick once the avail index passes it).
+    pub fn avail_event(&self, mem: &GuestMemory) -> u16 {
+        mem.read_u16(self.used + 4 + 8 * self.size as u64)
+    }
+
     /// (id, len) of used entry `i`.
     pub fn used_elem(&self, mem: &GuestMemory, i: u16) -> (u32, u32) {
         let at = self.used + 4 + 8 * (i & (self.size - 1)) as u64;
@@ -246,6 +252,8 @@ pub struct Device {
     pub frontend: Frontend,
     pub kicks: Vec<EventFd>,
     pub calls: Vec<EventFd>,
+    /// The virtio features acked.
+    pub features: u64,
 }
 
 impl Device {
@@ -255,9 +263,19 @@ impl Device {
         mem: &GuestMemory,
         rings: &[&DriverRing],
     ) -> anyhow::Result<Device> {
+        Device::connect_with(socket, mem, rings, 0)
+    }
+
+    /// As `connect`, also asking for the features in `extra` (those the backend offers).
+    pub fn connect_with(
+        socket: &Path,
+        mem: &GuestMemory,
+        rings: &[&DriverRing],
+        extra: u64,
+    ) -> anyhow::Result<Device> {
         let fe = Frontend::connect(socket, rings.len() as u64)
             .with_context(|| format!("connect to {}", socket.display()))?;
-        Device::handshake(fe, mem, rings)
+        Device::handshake(fe, mem, rings, extra)
     }
 
     /// Wait up to `timeout` for a backend to connect to us (its client mode), then run the
@@ -288,21 +306,24 @@ impl Device {
             Frontend::from_stream(stream, rings.len() as u64),
             mem,
             rings,
+            0,
         )
     }
 
-    /// The handshake a guest driver's frontend runs: features (VERSION_1 and MRG_RXBUF if
-    /// offered), protocol features, the memory table (one region), then every ring's size,
-    /// addresses, base (its used index: everything before it is done), kick, call and enable.
+    /// The handshake a guest driver's frontend runs: features (VERSION_1, MRG_RXBUF and
+    /// `extra` if offered), protocol features, the memory table (one region), then every
+    /// ring's size, addresses, base (its used index: everything before it is done), kick, call
+    /// and enable.
     fn handshake(
         mut fe: Frontend,
         mem: &GuestMemory,
         rings: &[&DriverRing],
+        extra: u64,
     ) -> anyhow::Result<Device> {
         fe.set_owner()?;
         let offered = fe.get_features()?;
         let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        let want = offered & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF | protocol);
+        let want = offered & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF | protocol | extra);
         fe.set_features(want)?;
         if want & protocol != 0 {
             let pf = fe.get_protocol_features()?;
@@ -346,6 +367,7 @@ impl Device {
             frontend: fe,
             kicks,
             calls,
+            features: want,
         })
     }
 }

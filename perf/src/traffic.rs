@@ -4,12 +4,15 @@
 //! an HDR histogram. Works against any vhost-user backend that carries A's frames to B.
 
 use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
 
-use crate::frontend::{Device, DriverRing, GuestMemory, VIRTQ_DESC_F_WRITE};
+use crate::frontend::{
+    Device, DriverRing, GuestMemory, VIRTIO_RING_F_EVENT_IDX, VIRTQ_DESC_F_WRITE,
+};
 
 /// Frames in a burst, as the backends use.
 const BURST: usize = 32;
@@ -32,6 +35,9 @@ pub struct TrafficConfig {
     pub ring: u16,
     /// Print a progress line every second (to stderr).
     pub progress: bool,
+    /// Negotiate VIRTIO_RING_F_EVENT_IDX, as Linux's driver does: after publishing, read the
+    /// backend's `avail_event` to decide whether to kick (instead of `used.flags`).
+    pub event_idx: bool,
 }
 
 pub struct Report {
@@ -72,10 +78,13 @@ struct Port {
     tx_used: u16,
     rx_used: u16,
     mac: [u8; 6],
+    /// EVENT_IDX negotiated, and the avail index at the last publish (its `old`).
+    event_idx: bool,
+    tx_published: u16,
 }
 
 impl Port {
-    fn connect(socket: &Path, ring: u16, mac: [u8; 6]) -> anyhow::Result<Port> {
+    fn connect(socket: &Path, ring: u16, mac: [u8; 6], event_idx: bool) -> anyhow::Result<Port> {
         let n = ring as u64;
         let (mut rx, next) = DriverRing::at(0x1000, ring);
         let (tx, next) = DriverRing::at(next, ring);
@@ -97,7 +106,12 @@ impl Port {
         for r in [&rx, &tx] {
             mem.write_u16(r.avail, VRING_AVAIL_F_NO_INTERRUPT);
         }
-        let dev = Device::connect(socket, &mem, &[&rx, &tx])
+        let extra = if event_idx {
+            VIRTIO_RING_F_EVENT_IDX
+        } else {
+            0
+        };
+        let dev = Device::connect_with(socket, &mem, &[&rx, &tx], extra)
             .with_context(|| format!("port {}", socket.display()))?;
         Ok(Port {
             mem,
@@ -105,11 +119,13 @@ impl Port {
             tx,
             rx_bufs,
             tx_bufs,
-            dev,
             free: (0..ring).rev().collect(),
             tx_used: 0,
             rx_used: 0,
             mac,
+            event_idx: dev.features & VIRTIO_RING_F_EVENT_IDX != 0,
+            tx_published: 0,
+            dev,
         })
     }
 
@@ -170,10 +186,20 @@ impl Port {
         }
     }
 
-    /// Publish what `send` queued, and kick if the backend asks for kicks.
+    /// Publish what `send` queued, and kick if the backend asks for kicks (with EVENT_IDX as
+    /// Linux's `virtqueue_kick_prepare`: a full barrier, then `avail_event`, every time).
     fn publish_tx(&mut self) {
-        self.tx.set_avail_idx(&self.mem, self.tx.avail_idx);
-        if self.mem.read_u16(self.tx.used) & VRING_USED_F_NO_NOTIFY == 0 {
+        let (old, new) = (self.tx_published, self.tx.avail_idx);
+        self.tx.set_avail_idx(&self.mem, new);
+        self.tx_published = new;
+        let kick = if self.event_idx {
+            fence(Ordering::SeqCst);
+            let event = self.tx.avail_event(&self.mem);
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            self.mem.read_u16(self.tx.used) & VRING_USED_F_NO_NOTIFY == 0
+        };
+        if kick {
             let _ = self.dev.kicks[1].write(1);
         }
     }
@@ -249,8 +275,8 @@ pub fn run(a: &Path, b: &Path, cfg: &TrafficConfig) -> anyhow::Result<Report> {
         (64..=2000).contains(&cfg.frame_len),
         "frame size must be 64..=2000"
     );
-    let mut pa = Port::connect(a, cfg.ring, [2, 0, 0, 0, 0, 0xa])?;
-    let mut pb = Port::connect(b, cfg.ring, [2, 0, 0, 0, 0, 0xb])?;
+    let mut pa = Port::connect(a, cfg.ring, [2, 0, 0, 0, 0, 0xa], cfg.event_idx)?;
+    let mut pb = Port::connect(b, cfg.ring, [2, 0, 0, 0, 0, 0xb], cfg.event_idx)?;
     let hz = dataplane::tsc::hz() as f64;
     // Learning switches see each port's MAC once; the hellos are not counted.
     for (p, other) in [(&mut pa, [0xff; 6]), (&mut pb, [0xff; 6])] {

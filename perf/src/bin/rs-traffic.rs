@@ -39,6 +39,9 @@ struct Args {
     /// Entries per ring.
     #[arg(long, default_value_t = 256)]
     ring: u16,
+    /// Negotiate EVENT_IDX and decide on kicks from the backend's avail_event, as Linux does.
+    #[arg(long)]
+    event_idx: bool,
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
@@ -98,6 +101,7 @@ fn main() -> anyhow::Result<()> {
         duration: Duration::from_secs_f64(args.secs),
         ring: args.ring,
         progress: !args.json,
+        event_idx: args.event_idx,
     };
     if args.zero_loss {
         let z = zero_loss(
