@@ -181,6 +181,12 @@ impl MockGuest {
         )
     }
 
+    /// The device's avail_event (EVENT_IDX: kick once avail.idx passes it).
+    pub fn avail_event(&self) -> u16 {
+        let at = self.used + 4 + 8 * self.qsize as u64;
+        u16::from_le_bytes(self.read(at, 2).try_into().unwrap())
+    }
+
     /// Ask for an interrupt once used.idx passes `idx` (EVENT_IDX's used_event).
     pub fn set_used_event(&self, idx: u16) {
         self.write(self.avail + 4 + 2 * self.qsize as u64, &idx.to_le_bytes());
