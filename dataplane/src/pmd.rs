@@ -859,10 +859,11 @@ impl Fwd {
         }
         self.fabric.rx.defer_copies = false;
         self.fabric.rx.demote_sources = false;
-        // Once the put-off copies ran, no frame is needed from the guest's buffers: they go
-        // back before the destinations are flushed (a DPDK TX burst, which frees a burst of
-        // mbufs), as soon as possible to a guest whose ring this PMD drains.
-        self.fabric.rx.copies.run();
+        // Destination guests first (the sooner a guest sees its frames, the sooner it
+        // refills); then, no frame needing its buffers any more, the source guest gets its
+        // chains back before the device queues are flushed (a DPDK TX burst, which frees a
+        // burst of mbufs).
+        self.fabric.release_held_guests();
         ring.advance(n);
         ring.flush();
         self.fabric.release_held();
@@ -1011,6 +1012,25 @@ impl Fabric {
     #[inline]
     fn release_held(&mut self) {
         release_held(&self.ports, &mut self.rx)
+    }
+
+    /// Run the copies put off, then publish and let go of the guests' queues held; device
+    /// queues stay held.
+    #[inline]
+    fn release_held_guests(&mut self) {
+        self.rx.copies.run();
+        let ports = &self.ports;
+        self.rx
+            .held
+            .retain(|&(id, q)| match ports[id.0 as usize].as_deref() {
+                Some(p @ Port::Vhost(_)) => {
+                    // SAFETY: listed in `held`, so this PMD holds the queue; the copies into it
+                    // ran and no reference from the burst's deliveries is alive any more.
+                    unsafe { p.flush_and_release(q as usize) };
+                    false
+                }
+                _ => true,
+            });
     }
 
     /// Switch one frame that arrived on port `src`.
