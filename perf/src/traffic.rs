@@ -78,8 +78,7 @@ struct Port {
     tx_used: u16,
     rx_used: u16,
     mac: [u8; 6],
-    /// EVENT_IDX negotiated, and the avail index at the last publish (its `old`).
-    event_idx: bool,
+    /// The TX avail index at the last publish (EVENT_IDX's `old`).
     tx_published: u16,
 }
 
@@ -123,7 +122,6 @@ impl Port {
             tx_used: 0,
             rx_used: 0,
             mac,
-            event_idx: dev.features & VIRTIO_RING_F_EVENT_IDX != 0,
             tx_published: 0,
             dev,
         })
@@ -192,7 +190,7 @@ impl Port {
         let (old, new) = (self.tx_published, self.tx.avail_idx);
         self.tx.set_avail_idx(&self.mem, new);
         self.tx_published = new;
-        let kick = if self.event_idx {
+        let kick = if self.dev.features & VIRTIO_RING_F_EVENT_IDX != 0 {
             fence(Ordering::SeqCst);
             let event = self.tx.avail_event(&self.mem);
             new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)

@@ -163,13 +163,7 @@ impl SplitRing {
             self.used_flags().store(0, Ordering::Relaxed);
             if self.event_idx {
                 // Kick when the guest publishes the entry at last_avail_idx.
-                // SAFETY: avail_event is the u16 at 4 + 8*size, the last two checked bytes.
-                unsafe {
-                    std::ptr::write_volatile(
-                        self.used.add(4 + 8 * self.size as usize) as *mut u16,
-                        self.last_avail_idx,
-                    )
-                }
+                self.write_avail_event(self.last_avail_idx);
             }
         } else {
             self.used_flags()
@@ -226,14 +220,17 @@ impl SplitRing {
         unsafe { std::ptr::read_volatile(self.avail.add(slot)) }
     }
 
+    fn write_avail_event(&self, v: u16) {
+        // SAFETY: avail_event is the u16 at 4 + 8*size, the last two of the checked bytes.
+        unsafe {
+            std::ptr::write_volatile(self.used.add(4 + 8 * self.size as usize) as *mut u16, v)
+        }
+    }
+
     fn set_avail_event(&mut self) {
         if self.event_idx {
             // last_avail_idx - 1 is behind anything the guest will publish, so it never kicks.
-            let v = self.last_avail_idx.wrapping_sub(1);
-            // SAFETY: avail_event is the u16 at 4 + 8*size, the last two of the checked bytes.
-            unsafe {
-                std::ptr::write_volatile(self.used.add(4 + 8 * self.size as usize) as *mut u16, v)
-            }
+            self.write_avail_event(self.last_avail_idx.wrapping_sub(1));
             self.avail_event_at = self.last_avail_idx;
         }
     }
