@@ -67,6 +67,15 @@ impl Switch {
     pub fn start(cfg: &Config) -> anyhow::Result<Switch> {
         let mut dp = Dataplane::start(&cfg.pmd_cores, cfg.model, cfg.rxq_assign, cfg.auto_lb)?;
         dp.always_lock = cfg.always_lock;
+        for p in dp.pmds() {
+            if let Some(e) = p.notifier_error() {
+                log::warn!(
+                    "PMD on core {}: no io_uring for guest notifications ({e}); a frontend \
+                     that makes its call fd block can stall this PMD",
+                    p.core().0
+                );
+            }
+        }
         let dp = Arc::new(dp);
         let n_pmds = cfg.pmd_cores.len();
         let sw = Switch {

@@ -166,3 +166,106 @@ fn hostile_guest_is_contained_while_others_forward() {
     good.stop();
     sw.check_accounting();
 }
+
+/// Frames the testpmd loop moved through port 1 per second, over `secs`.
+fn loop_rate(sw: &Switch, secs: f64) -> f64 {
+    let moved = |s: &Value| n(&sw.port(s, 1)["to_port"]["packets"]);
+    let a = moved(&sw.stats());
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let b = moved(&sw.stats());
+    (b - a) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Clear O_NONBLOCK on an fd the switch shares with us (it sets it on the call fds it gets).
+fn clear_nonblock(fd: i32) {
+    // SAFETY: fcntl on an fd of ours; nothing else is touched.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK);
+    }
+}
+
+/// A frontend on port 2 sending frames whose used chains the switch must announce, while the
+/// loop on ports 0 and 1 is measured: its rate (the least of three seconds), and how many
+/// frames the frontend got through. `hostile`: its call eventfds are blocking, their counters
+/// at the maximum, and it keeps clearing the O_NONBLOCK the switch sets on them.
+fn call_fd_phase(sw: &Switch, hostile: bool) -> (f64, u64) {
+    use std::os::fd::AsRawFd;
+    let mem = GuestMemory::new(4 << 20).unwrap();
+    let (rx, next) = DriverRing::at(0x1000, 16);
+    let (mut tx, _) = DriverRing::at(next, 16);
+    // From and to its own MAC: learned, then dropped as having no other destination, so the
+    // loop's ports see nothing of it.
+    let mut frame = vec![0u8; 12];
+    frame.extend([2, 0, 0, 0, 0, 0x66, 2, 0, 0, 0, 0, 0x66, 0x88, 0xb5]);
+    frame.resize(12 + 64, 0xab);
+    mem.write(0x20_0000, &frame);
+    tx.set_desc(&mem, 0, 0x20_0000, frame.len() as u32, 0, 0);
+    let dev = Device::connect(&sw.sock(2), &mem, &[&rx, &tx]).unwrap();
+    if hostile {
+        for c in &dev.calls {
+            c.write(0xffff_ffff_ffff_fffe).unwrap();
+        }
+    }
+    // The frontend runs here (guest memory is this thread's); the loop is measured meanwhile.
+    let (rate, sent) = std::thread::scope(|s| {
+        let measure = s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(500));
+            let mut rate = f64::MAX;
+            for _ in 0..3 {
+                sw.stats_within_1s();
+                rate = rate.min(loop_rate(sw, 1.0));
+            }
+            rate
+        });
+        let mut sent = 0u64;
+        while !measure.is_finished() {
+            for c in dev.calls.iter().filter(|_| hostile) {
+                clear_nonblock(c.as_raw_fd());
+            }
+            if tx.used_idx(&mem) == tx.avail_idx {
+                tx.publish(&mem, 0);
+                let _ = dev.kicks[1].write(1);
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (measure.join().unwrap(), sent)
+    });
+    let h = sw.port(&sw.stats_within_1s(), 2);
+    assert!(
+        sent > 100,
+        "the frontend's ring stopped being served after {sent} frames: {h}"
+    );
+    drop(dev);
+    sw.wait_connected(2, false);
+    (rate, sent)
+}
+
+/// Blocking call eventfds at their maximum: a plain `write()` of one would stop the PMD in the
+/// kernel, and every port with it. The loop on the other ports keeps its rate (against the
+/// same frontend with well-behaved fds), `ctl` keeps answering, the hostile ring itself keeps
+/// being served, and once the frontend leaves, the switch's fds are back to where they were.
+#[test]
+fn hostile_call_fd_cannot_freeze_the_pmd() {
+    let sw = Switch::start("hostile-call", 3);
+    let mut good = Testpmd::io_loop(&sw, "loop", 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let fds_before = sw.fd_count();
+    let (polite, polite_sent) = call_fd_phase(&sw, false);
+    let (hostile, hostile_sent) = call_fd_phase(&sw, true);
+    assert!(
+        hostile >= 0.9 * polite,
+        "the loop fell from {polite:.0} to {hostile:.0} frames/s while the call fds were full"
+    );
+    let h = sw.port(&sw.stats(), 2);
+    assert_eq!(
+        n(&h["from_port"]["packets"]),
+        polite_sent + hostile_sent,
+        "{h}"
+    );
+    wait_until("fds released", || sw.fd_count() <= fds_before);
+    good.stop();
+    sw.check_accounting();
+}

@@ -158,6 +158,9 @@ pub struct PmdHandle {
     core: CoreId,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// Why the PMD has no io_uring notifier (`virtq::call`), if it has none: its guest
+    /// notifications are then plain writes, which a hostile frontend can block.
+    notifier_error: Option<String>,
 }
 
 impl PmdHandle {
@@ -187,7 +190,8 @@ impl PmdHandle {
             .name(format!("pmd-c{}", core.0))
             .spawn(move || {
                 let pinned = core_affinity::set_for_current(core_affinity::CoreId { id: core.0 });
-                let _ = tx.send(pinned);
+                let notifier = crate::virtq::call::install().err().map(|e| e.to_string());
+                let _ = tx.send((pinned, notifier));
                 if pinned {
                     let mut pmd = Pmd::new(s, index, macs);
                     pmd.role = role;
@@ -198,19 +202,28 @@ impl PmdHandle {
                 }
             })
             .map_err(PmdError::Spawn)?;
-        if rx.recv() != Ok(true) {
-            let _ = thread.join();
-            return Err(PmdError::Pin(core.0));
-        }
+        let notifier_error = match rx.recv() {
+            Ok((true, e)) => e,
+            _ => {
+                let _ = thread.join();
+                return Err(PmdError::Pin(core.0));
+            }
+        };
         Ok(PmdHandle {
             core,
             shared,
             thread: Some(thread),
+            notifier_error,
         })
     }
 
     pub fn core(&self) -> CoreId {
         self.core
+    }
+
+    /// Why this PMD notifies guests with plain writes (no io_uring), if it does.
+    pub fn notifier_error(&self) -> Option<&str> {
+        self.notifier_error.as_deref()
     }
 
     pub fn stats(&self) -> &PmdStats {
@@ -477,6 +490,7 @@ impl Pmd {
             while let Some(cmd) = shared.cmds.pop() {
                 self.apply(cmd);
             }
+            crate::virtq::call::maintain();
             let (moved, busy) = self.poll_all(&mut t);
             if moved > 0 {
                 bump(&stats.busy_cycles, busy);

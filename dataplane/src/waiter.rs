@@ -5,8 +5,6 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-/// Marks an eventfd in an event's data: its counter must be read to re-arm it.
-const EVENTFD: u64 = 1 << 32;
 const MAX_EVENTS: usize = 64;
 
 pub struct Waiter {
@@ -22,11 +20,11 @@ fn check(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// Read (and so reset) an eventfd's counter; nothing to read is fine.
-pub fn drain_eventfd(fd: RawFd) {
+/// Read (and so reset) our own wake eventfd's counter (non-blocking: nothing to read is fine).
+fn drain_wake(fd: RawFd) {
     let mut v = 0u64;
-    // SAFETY: reads at most 8 bytes into a local u64; a bad or non-blocking-empty fd only
-    // returns an error.
+    // SAFETY: reads at most 8 bytes into a local u64; an empty non-blocking fd only returns
+    // an error.
     unsafe { libc::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
 }
 
@@ -43,15 +41,27 @@ impl Waiter {
             ))?)
         };
         let w = Waiter { epoll, wake };
-        w.add(w.wake.as_raw_fd(), true)?;
+        w.watch(w.wake.as_raw_fd(), libc::EPOLLIN as u32)?;
         Ok(w)
     }
 
-    /// Watch `fd` for input; `eventfd`: its counter is reset when it fires.
+    /// Watch `fd` for input; `eventfd`: a frontend's kick eventfd, watched edge-triggered and
+    /// never read, for the frontend shares the file and could make a read block (clear
+    /// O_NONBLOCK, empty the counter first). Every kick is an edge; the counter is the
+    /// frontend's to fill.
     pub fn add(&self, fd: RawFd, eventfd: bool) -> io::Result<()> {
+        let events = if eventfd {
+            (libc::EPOLLIN | libc::EPOLLET) as u32
+        } else {
+            libc::EPOLLIN as u32
+        };
+        self.watch(fd, events)
+    }
+
+    fn watch(&self, fd: RawFd, events: u32) -> io::Result<()> {
         let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: fd as u32 as u64 | if eventfd { EVENTFD } else { 0 },
+            events,
+            u64: fd as u32 as u64,
         };
         // SAFETY: `ev` is a valid epoll_event for the duration of the call.
         check(unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) })
@@ -77,7 +87,7 @@ impl Waiter {
     }
 
     /// Sleep until something watched has input or `timeout_ms` passes; returns how many fds
-    /// fired. Eventfds that fired are reset.
+    /// fired. The wake eventfd is reset when it fired.
     pub fn wait(&self, timeout_ms: i32) -> usize {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
         // SAFETY: `events` has room for MAX_EVENTS entries.
@@ -90,11 +100,9 @@ impl Waiter {
             )
         };
         let n = n.max(0) as usize;
-        for ev in &events[..n] {
-            let data = ev.u64;
-            if data & EVENTFD != 0 {
-                drain_eventfd(data as u32 as RawFd);
-            }
+        let wake = self.wake.as_raw_fd();
+        if events[..n].iter().any(|ev| ev.u64 as RawFd == wake) {
+            drain_wake(wake);
         }
         n
     }

@@ -172,6 +172,32 @@ impl Switch {
         stats["ports"][port].clone()
     }
 
+    /// The switch's own PID (the child is `timeout`).
+    pub fn pid(&self) -> u32 {
+        let me = self.child.id();
+        let kids = std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")).unwrap();
+        kids.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    /// How many fds the switch holds open.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    /// `ctl stats --json`, which must answer within a second.
+    pub fn stats_within_1s(&self) -> Value {
+        let t = std::time::Instant::now();
+        let s = self.stats();
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "ctl took {:?}",
+            t.elapsed()
+        );
+        s
+    }
+
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }

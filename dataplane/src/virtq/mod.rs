@@ -10,10 +10,12 @@ use crate::guest_mem::{DirtyLog, MemTable};
 use crate::stats::QueueStats;
 use crate::{prefetch, prefetch_w};
 
+pub mod call;
 pub mod copy;
 pub mod packed;
 pub mod split;
 
+pub use call::CallFd;
 pub use packed::PackedRing;
 pub use split::{RingError, SplitRing};
 
@@ -190,14 +192,14 @@ pub(crate) fn log_chain(log: &DirtyLog, mem: &MemTable, chain: &SegList, len: u3
     }
 }
 
-/// Wake the driver: an eventfd write (the one system call a PMD makes, when the guest asked for
-/// it). A full counter (EAGAIN) still wakes the guest, so the result is not needed.
+/// Wake the driver (the one system call a PMD makes, when the guest asked for it), through
+/// the PMD's notifier: never blocking, whatever the frontend did to its fd (call.rs).
 #[inline]
-pub(crate) fn notify(call: &mut Option<std::fs::File>, stats: &QueueStats) {
-    use std::io::Write;
+pub(crate) fn notify(call: &Option<CallFd>, stats: &QueueStats) {
     if let Some(call) = call {
-        let _ = call.write(&1u64.to_ne_bytes());
-        stats.add(&stats.guest_notifications, 1);
+        if call.notify() {
+            stats.add(&stats.guest_notifications, 1);
+        }
     }
 }
 

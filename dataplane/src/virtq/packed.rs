@@ -80,7 +80,7 @@ pub struct PackedRing {
     event_idx: bool,
     /// The guest corrupted the ring (a chain longer than the ring); skipped until reset.
     pub broken: bool,
-    call: Option<File>,
+    call: Option<CallFd>,
     pub stats: Arc<QueueStats>,
     log: Option<Arc<DirtyLog>>,
 }
@@ -142,7 +142,7 @@ impl PackedRing {
             dirty: false,
             event_idx,
             broken: false,
-            call,
+            call: call.map(CallFd::new),
             stats,
             log: None,
         };
@@ -313,7 +313,7 @@ impl PackedRing {
 
     #[inline]
     fn notify(&mut self) {
-        notify(&mut self.call, &self.stats);
+        notify(&self.call, &self.stats);
     }
 }
 

@@ -75,7 +75,7 @@ pub struct SplitRing {
     avail_event_at: u16,
     /// The queue was found corrupt (avail index jump); it is skipped until the device is reset.
     pub broken: bool,
-    call: Option<File>,
+    call: Option<CallFd>,
     pub stats: Arc<QueueStats>,
     /// Set while the frontend migrates the guest: every guest page written is logged.
     log: Option<RingLog>,
@@ -138,7 +138,7 @@ impl SplitRing {
             event_idx,
             avail_event_at: last_avail_idx,
             broken: false,
-            call,
+            call: call.map(CallFd::new),
             stats,
             log: None,
         };
@@ -310,7 +310,7 @@ impl SplitRing {
 
     #[inline]
     fn notify(&mut self) {
-        notify(&mut self.call, &self.stats);
+        notify(&self.call, &self.stats);
     }
 
     /// Used index not yet published (for tests and for handing the ring back).
@@ -679,7 +679,7 @@ mod tests {
     fn no_interrupt_flag_is_honoured() {
         let g = MockGuest::new(8);
         let mut ring = g.ring(false);
-        ring.call = Some(eventfd());
+        ring.call = Some(CallFd::new(eventfd()));
         ring.push_used(0, 0);
         ring.flush();
         assert_eq!(ring.stats.snapshot().guest_notifications, 1);
