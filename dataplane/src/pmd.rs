@@ -37,6 +37,14 @@ pub const MAX_RXQS: usize = 1024;
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many frames ahead of the one being switched a guest TX burst loads frame data.
 const TX_DATA_AHEAD: usize = 8;
+/// Work one guest TX queue may cost a PMD per pass, in bytes of frames taken plus SEG_COST per
+/// frame its TSO frames may be cut into: a burst stops early once it is spent, so cheap frames
+/// that cost dearly (64 KiB TSO frames, segmented in software) cannot starve the other queues.
+/// A burst of 32 frames of 1518 B (or 28 of 9000 B) fits; four 64 KiB TSO frames do.
+const PASS_BUDGET: u32 = 256 * 1024;
+/// What one frame made by software segmentation counts in PASS_BUDGET (its headers written,
+/// its checksums and its delivery), in bytes.
+const SEG_COST: u32 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PmdError {
@@ -373,6 +381,9 @@ struct Fwd {
     mbufs: MbufBurst,
     tap_hdr: [u8; TAP_HDR_LEN],
     tap_buf: Box<[u8]>,
+    /// SEG_COST for every frame the TSO frames switched since the burst began could be cut
+    /// into (PASS_BUDGET).
+    seg_cost: u32,
 }
 
 /// Every port, as destinations, and the MAC table: what forwarding needs, apart from the
@@ -474,6 +485,7 @@ impl Pmd {
                 mbufs: MbufBurst::default(),
                 tap_hdr: [0; TAP_HDR_LEN],
                 tap_buf: vec![0u8; MAX_FRAME as usize + 1].into_boxed_slice(),
+                seg_cost: 0,
             },
             dpdk_registered: false,
             sleep: None,
@@ -857,6 +869,8 @@ impl Fwd {
         // spend on handing the guest's lines back (not known of a packed ring; measured there
         // with the PMD the bottleneck, demoting cost 3 %).
         self.fabric.rx.demote_sources = R::COUNTS_ALL_PENDING && pending <= BURST as u16;
+        self.seg_cost = 0;
+        let (mut bytes, mut taken) = (0u32, n);
         for (i, &head) in heads.iter().enumerate() {
             if let Some(&h) = heads.get(i + TX_DATA_AHEAD) {
                 ring.prefetch_data(h, hdr_len);
@@ -870,6 +884,11 @@ impl Fwd {
             };
             tally.count(v, len);
             ring.push_used(head, 0);
+            bytes = bytes.saturating_add(self.src.total);
+            if bytes.saturating_add(self.seg_cost) >= PASS_BUDGET {
+                taken = i as u16 + 1;
+                break;
+            }
         }
         self.fabric.rx.defer_copies = false;
         self.fabric.rx.demote_sources = false;
@@ -878,11 +897,11 @@ impl Fwd {
         // chains back before the device queues are flushed (a DPDK TX burst, which frees a
         // burst of mbufs).
         self.fabric.release_held_guests();
-        ring.advance(n);
+        ring.advance(taken);
         ring.flush();
         self.fabric.release_held();
         tally.publish(ring.stats());
-        n as usize
+        taken as usize
     }
 
     /// Switch the guest frame in `self.src` (walked from its ring, or a pipeline batch's slot;
@@ -935,6 +954,11 @@ impl Fwd {
         let Ok(vnet) = VnetHdr::parse(hdr, len) else {
             return Verdict::BadOffload;
         };
+        if vnet.gso_size > 0 {
+            // At most 745 frames (MIN_GSO_SIZE); saturating all the same.
+            let segs = len / vnet.gso_size as u32;
+            self.seg_cost = self.seg_cost.saturating_add(segs.saturating_mul(SEG_COST));
+        }
         let f = Frame {
             segs: &self.src,
             skip,
@@ -1162,6 +1186,10 @@ mod tests {
     }
 
     fn switch_with_features(features: &[NetFeatures]) -> (Pmd, Vec<Guest>) {
+        switch_with_queues(features, 64)
+    }
+
+    fn switch_with_queues(features: &[NetFeatures], qsize: u16) -> (Pmd, Vec<Guest>) {
         let shared = Arc::new(Shared {
             waker: None,
             cmds: ArrayQueue::new(4),
@@ -1172,8 +1200,8 @@ mod tests {
         let mut guests = Vec::new();
         for (i, &f) in features.iter().enumerate() {
             let g = Guest {
-                tx: MockGuest::new(64),
-                rx: MockGuest::new(64),
+                tx: MockGuest::new(qsize),
+                rx: MockGuest::new(qsize),
             };
             let id = PortId(i as u16);
             let mut port = VhostPort::port(id, 1);
@@ -1423,6 +1451,82 @@ mod tests {
         let s = stats(&pmd, 0, true);
         assert_eq!((s.packets, s.forwarded, s.drop_bad_offload), (2, 1, 1));
         assert_eq!(s.packets, s.forwarded + s.drops());
+    }
+
+    /// A guest with offloads, alone on the switch (every frame floods to no one).
+    fn offloading_sender() -> (Pmd, Vec<Guest>) {
+        switch_with_features(&[NetFeatures {
+            mrg_rxbuf: true,
+            tx_offloads: true,
+            ..NetFeatures::default()
+        }])
+    }
+
+    /// `n` chains of one descriptor each, all over one buffer holding `bytes`.
+    fn same_chain(g: &mut MockGuest, bytes: &[u8], n: usize) {
+        let at = g.alloc(bytes.len() as u64);
+        g.write(at, bytes);
+        for _ in 0..n {
+            let d = g.take_desc();
+            g.set_desc(d, at, bytes.len() as u32, 0, 0);
+            g.publish(d);
+        }
+    }
+
+    fn tso_chain(payload: usize, mss: u16) -> Vec<u8> {
+        let (f, h) = crate::offload::tests::tso_frame(false, false, payload, mss);
+        let mut b = h.bytes().to_vec();
+        b.extend([0, 0]);
+        b.extend(f);
+        b
+    }
+
+    #[test]
+    fn a_tso_frame_asking_for_a_tiny_mss_is_dropped() {
+        let (mut pmd, mut g) = offloading_sender();
+        same_chain(&mut g[0].tx, &tso_chain(60_000, 1), 1);
+        same_chain(&mut g[0].tx, &tso_chain(60_000, 87), 1);
+        same_chain(&mut g[0].tx, &tso_chain(60_000, 88), 1);
+        assert_eq!(pmd.pass(), 3);
+        let s = stats(&pmd, 0, true);
+        assert_eq!((s.packets, s.drop_bad_offload), (3, 2));
+        assert_eq!(s.drop_no_destination, 1, "MSS 88 is taken");
+    }
+
+    /// Frames that cost dearly end a pass early: the other queues get their turn, and the
+    /// rest of the burst is taken by the next passes, every frame accounted.
+    #[test]
+    fn a_pass_stops_when_its_budget_is_spent() {
+        let (mut pmd, mut g) = offloading_sender();
+        // 60,000 bytes cut at 1448: 41 frames, 60,066 + 41 * 256 bytes of budget each.
+        same_chain(&mut g[0].tx, &tso_chain(60_000, 1448), 32);
+        let per_pass: Vec<usize> = (0..10).map(|_| pmd.pass()).collect();
+        assert_eq!(per_pass[0], 4, "{per_pass:?}");
+        assert_eq!(per_pass.iter().sum::<usize>(), 32, "{per_pass:?}");
+        assert_eq!(g[0].tx.used_idx(), 32);
+        let s = stats(&pmd, 0, true);
+        assert_eq!((s.packets, s.drop_no_destination), (32, 32));
+        // Small frames: a whole burst.
+        same_chain(&mut g[0].tx, &frame(0xff, 0x11, 1500), 40);
+        assert_eq!(pmd.pass(), BURST);
+    }
+
+    /// Zero-length descriptors add no bytes but cost a read each: they count against the
+    /// chain's length limit.
+    #[test]
+    fn zero_length_descriptors_count_against_the_chain_limit() {
+        use crate::virtq::MAX_CHAIN_DESCS;
+        let (mut pmd, mut g) = switch_with_queues(&[NetFeatures::default()], 256);
+        let f = frame(0xff, 0x11, 64);
+        for empties in [MAX_CHAIN_DESCS as usize - 1, MAX_CHAIN_DESCS as usize] {
+            let mut bufs = vec![Vec::new(); empties];
+            bufs.push(f.clone());
+            g[0].tx.add_chain(&bufs, 0);
+        }
+        assert_eq!(pmd.pass(), 2);
+        let s = stats(&pmd, 0, true);
+        assert_eq!(s.drop_bad_descriptor, 1, "one descriptor too many");
+        assert_eq!(s.drop_no_destination, 1, "the longest chain allowed is taken");
     }
 
     #[test]

@@ -237,6 +237,10 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// a longer chain is refused as a bad descriptor rather than walked.
 pub const MAX_SEGS: usize = 64;
 
+/// Descriptors one chain may have, zero-length ones included (they add no segment, but each
+/// costs a read): the walk of a chain is bounded by this, not by the queue size (32768).
+pub const MAX_CHAIN_DESCS: u16 = MAX_SEGS as u16;
+
 /// A host-virtual buffer inside guest memory, already bounds-checked against the memory table.
 #[derive(Clone, Copy, Debug)]
 pub struct Seg {

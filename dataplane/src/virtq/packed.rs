@@ -241,7 +241,8 @@ impl PackedRing {
             let mut ndesc = 1u16;
             let mut d = self.read_desc(self.desc, pos);
             while d.flags & VIRTQ_DESC_F_NEXT != 0 {
-                if ndesc >= self.size {
+                // Longer than any driver makes: not walked to its end (each step a read).
+                if ndesc >= self.size.min(MAX_CHAIN_DESCS) {
                     self.mark_broken();
                     return;
                 }
@@ -381,6 +382,9 @@ impl VirtQueue for PackedRing {
             if count > self.size as u32 {
                 return Err(ChainError::BadIndirect);
             }
+            if count > MAX_CHAIN_DESCS as u32 {
+                return Err(ChainError::TooLong);
+            }
             let table = self
                 .mem
                 .gpa_to_host(d.addr, d.len as u64)
@@ -402,7 +406,7 @@ impl VirtQueue for PackedRing {
         }
         let mut d = d;
         let mut pos = head;
-        for _ in 0..self.size {
+        for _ in 0..self.size.min(MAX_CHAIN_DESCS) {
             if d.flags & VIRTQ_DESC_F_INDIRECT != 0 {
                 return Err(ChainError::BadIndirect);
             }

@@ -429,8 +429,9 @@ impl VirtQueue for SplitRing {
             entries = count as u16;
             d = self.read_desc(table, 0);
         }
-        // A chain visits each descriptor at most once; more visits than entries means a loop.
-        let mut ttl = entries;
+        // A chain visits each descriptor at most once (more visits than entries means a loop)
+        // and has at most MAX_CHAIN_DESCS of them, empty ones included.
+        let mut ttl = entries.min(MAX_CHAIN_DESCS);
         loop {
             if d.flags & VIRTQ_DESC_F_INDIRECT != 0 {
                 return Err(ChainError::BadIndirect);
