@@ -114,8 +114,9 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         cfg.pmd_cores,
         cfg.control_socket.display()
     );
-    // The main thread watches: for a signal to stop, and for rings a guest corrupted (the PMD
-    // only flags them; saying so is control's job). It also closes the PMDs' load windows
+    // The main thread watches: for a signal to stop, for rings a guest corrupted (the PMD
+    // only flags them; saying so is control's job), and for frontends that shrank the memory
+    // we map. It also closes the PMDs' load windows
     // and rebalances them when auto-rebalance is on.
     let mut reported = std::collections::HashSet::new();
     loop {
@@ -124,6 +125,7 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             break;
         }
         sw.report_broken_rings(&mut reported);
+        sw.close_faulted_connections();
         match sw.dp.tick() {
             Ok(moves) if !moves.is_empty() => {
                 log::info!(

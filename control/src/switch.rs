@@ -164,6 +164,29 @@ impl Switch {
         Ok(())
     }
 
+    /// Close the connection of every frontend that shrank a file we map (its guest memory or
+    /// dirty log, turned into zero memory by `dataplane::sigbus`); its rings, memory and fds
+    /// go with it, as on any disconnect, and it may connect again.
+    pub fn close_faulted_connections(&self) {
+        let faulted = dataplane::sigbus::faulted_owners();
+        if faulted.is_empty() {
+            return;
+        }
+        for p in &self.ports().list {
+            if !faulted.contains(&(p.id.0 as u32)) {
+                continue;
+            }
+            if let Some(c) = p.thread.as_ref().and_then(|t| lock(&t.conn).take()) {
+                log::warn!(
+                    "port {}: closing connection: the frontend shrank a memory or log file \
+                     the switch maps",
+                    p.config.name
+                );
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
     /// Log each ring a guest corrupted (flagged by its PMD in `ring_broken`) once; `reported`
     /// remembers (port, queue) pairs already logged, and forgets them once the flag clears.
     pub fn report_broken_rings(&self, reported: &mut std::collections::HashSet<(String, usize)>) {

@@ -333,7 +333,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
         for r in &regions {
             log::debug!("port {}: region {r:?}", self.name);
         }
-        let table = MemTable::map(&regions, files)
+        let table = MemTable::map_for(&regions, files, self.id.0 as u32)
             .map_err(|e| req_err(format!("port {}: SET_MEM_TABLE: {e}", self.name)))?;
         log::info!(
             "port {}: memory table with {} regions",
@@ -552,7 +552,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
     /// so the frontend may free it.
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
         let (size, offset) = (log.mmap_size, log.mmap_offset);
-        let log = DirtyLog::map(file, size, offset)
+        let log = DirtyLog::map_for(file, size, offset, self.id.0 as u32)
             .map_err(|e| req_err(format!("port {}: {e}", self.name)))?;
         log::info!("port {}: dirty log of {size:#x} bytes", self.name);
         self.restart_running(|d| {

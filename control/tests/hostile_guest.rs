@@ -269,3 +269,66 @@ fn hostile_call_fd_cannot_freeze_the_pmd() {
     good.stop();
     sw.check_accounting();
 }
+
+/// The frontend shrinks the file behind its guest memory while the PMD polls its rings and
+/// writes into its RX buffers: the access raises SIGBUS, which must cost that frontend its
+/// connection, not the switch. `file`: a memfd, or a file on hugetlbfs.
+fn shrink_memory_phase(sw: &Switch, file: std::fs::File) {
+    let mem = GuestMemory::on_file(file, 4 << 20).unwrap();
+    let (mut rx, next) = DriverRing::at(0x1000, 16);
+    let (tx, _) = DriverRing::at(next, 16);
+    for h in 0..8 {
+        rx.set_desc(
+            &mem,
+            h,
+            0x10_0000 + 2048 * h as u64,
+            2048,
+            VIRTQ_DESC_F_WRITE,
+            0,
+        );
+        rx.publish(&mem, h);
+    }
+    let dev = Device::connect(&sw.sock(2), &mem, &[&rx, &tx]).unwrap();
+    sw.wait_connected(2, true);
+    let before = loop_rate(sw, 1.0);
+    mem.file().set_len(0).unwrap();
+    // From here on the memory is not ours to touch either.
+    sw.wait_connected(2, false);
+    let after = loop_rate(sw, 1.0);
+    assert!(
+        after >= 0.9 * before,
+        "the loop fell from {before:.0} to {after:.0} frames/s"
+    );
+    sw.stats_within_1s();
+    drop(dev);
+    drop(mem);
+}
+
+#[test]
+fn hostile_shrunk_memory_costs_its_connection_not_the_switch() {
+    let mut sw = Switch::start("hostile-shrink", 3);
+    let mut good = Testpmd::io_loop(&sw, "loop", 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let fds_before = sw.fd_count();
+    shrink_memory_phase(&sw, perf::frontend::memfd(0).unwrap());
+    let huge = format!("/dev/hugepages/rs-hostile-{}", std::process::id());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&huge)
+        .unwrap();
+    let _ = std::fs::remove_file(&huge);
+    shrink_memory_phase(&sw, file);
+    assert!(sw.alive(), "the switch died");
+    assert_eq!(
+        sw.log().matches("shrank a memory or log file").count(),
+        2,
+        "{}",
+        sw.log()
+    );
+    wait_until("fds released", || sw.fd_count() <= fds_before);
+    good.stop();
+    sw.check_accounting();
+}

@@ -71,6 +71,8 @@ struct Region {
 /// one is dropped (unmapped) by control only after every ring that used it came back from the PMD.
 pub struct MemTable {
     regions: Vec<Region>,
+    /// SIGBUS watches on the mappings (a frontend may shrink its files): dropped before them.
+    guards: Vec<crate::sigbus::Guard>,
     /// Owns the mappings: dropping it unmaps. Never read after construction.
     _maps: Vec<MmapRegion>,
 }
@@ -85,6 +87,16 @@ impl MemTable {
     /// Map every region (`files[i]` backs `regions[i]`). Offsets need not be page aligned: like
     /// DPDK, the file is mapped from 0 to `mmap_offset + size`, rounded to the file's block size.
     pub fn map(regions: &[RegionDesc], files: Vec<File>) -> Result<Arc<MemTable>, MemError> {
+        MemTable::map_for(regions, files, u32::MAX)
+    }
+
+    /// `map`, for the frontend `owner` (a port id): who `sigbus::faulted_owners` names if it
+    /// shrinks a file.
+    pub fn map_for(
+        regions: &[RegionDesc],
+        files: Vec<File>,
+        owner: u32,
+    ) -> Result<Arc<MemTable>, MemError> {
         if regions.len() != files.len() {
             return Err(MemError::FileCount {
                 regions: regions.len(),
@@ -94,6 +106,7 @@ impl MemTable {
         check_layout(regions)?;
         let mut out = Vec::with_capacity(regions.len());
         let mut maps = Vec::with_capacity(regions.len());
+        let mut guards = Vec::with_capacity(regions.len());
         for (index, (r, file)) in regions.iter().zip(files).enumerate() {
             let bad = || MemError::BadRange {
                 index,
@@ -122,6 +135,11 @@ impl MemTable {
                 .with_mmap_flags(libc::MAP_SHARED)
                 .build()
                 .map_err(|source| MemError::Mmap { index, len, source })?;
+            guards.push(crate::sigbus::Guard::register(
+                map.as_ptr(),
+                map.size(),
+                owner,
+            ));
             // `mmap_offset < len` was checked above, so this stays inside the mapping.
             let host = map.as_ptr().wrapping_add(r.mmap_offset as usize);
             out.push(Region {
@@ -134,8 +152,14 @@ impl MemTable {
         }
         Ok(Arc::new(MemTable {
             regions: out,
+            guards,
             _maps: maps,
         }))
+    }
+
+    /// The frontend shrank a file under one of the mappings (now anonymous zero memory).
+    pub fn faulted(&self) -> bool {
+        self.guards.iter().any(|g| g.faulted())
     }
 
     /// Host pointer for guest-physical `[gpa, gpa+len)` if it lies inside one region.
@@ -194,6 +218,8 @@ pub const LOG_PAGE: u64 = 0x1000;
 pub struct DirtyLog {
     bytes: *const AtomicU8,
     len: u64,
+    /// Dropped before the mapping (see MemTable::guards).
+    guard: crate::sigbus::Guard,
     _map: MmapRegion,
 }
 
@@ -206,6 +232,16 @@ unsafe impl Sync for DirtyLog {}
 impl DirtyLog {
     /// Map `size` bytes of the frontend's log from `offset` in `file`.
     pub fn map(file: File, size: u64, offset: u64) -> Result<Arc<DirtyLog>, MemError> {
+        DirtyLog::map_for(file, size, offset, u32::MAX)
+    }
+
+    /// `map`, for the frontend `owner` (see MemTable::map_for).
+    pub fn map_for(
+        file: File,
+        size: u64,
+        offset: u64,
+        owner: u32,
+    ) -> Result<Arc<DirtyLog>, MemError> {
         let err = |source| MemError::Log {
             size,
             offset,
@@ -226,8 +262,14 @@ impl DirtyLog {
         Ok(Arc::new(DirtyLog {
             bytes: map.as_ptr().wrapping_add(offset as usize) as *const AtomicU8,
             len: size,
+            guard: crate::sigbus::Guard::register(map.as_ptr(), map.size(), owner),
             _map: map,
         }))
+    }
+
+    /// The frontend shrank the log's file (the mapping is anonymous zero memory now).
+    pub fn faulted(&self) -> bool {
+        self.guard.faulted()
     }
 
     /// Mark the pages of guest-physical `[gpa, gpa + len)`. Pages beyond the log (which the

@@ -16,6 +16,7 @@ pub mod pipeline;
 pub mod pmd;
 pub mod port;
 pub mod sched;
+pub mod sigbus;
 pub mod stats;
 pub mod tap;
 pub mod tsc;

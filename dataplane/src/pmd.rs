@@ -1526,7 +1526,10 @@ mod tests {
         assert_eq!(pmd.pass(), 2);
         let s = stats(&pmd, 0, true);
         assert_eq!(s.drop_bad_descriptor, 1, "one descriptor too many");
-        assert_eq!(s.drop_no_destination, 1, "the longest chain allowed is taken");
+        assert_eq!(
+            s.drop_no_destination, 1,
+            "the longest chain allowed is taken"
+        );
     }
 
     #[test]

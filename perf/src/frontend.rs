@@ -47,7 +47,13 @@ pub struct GuestMemory {
 
 impl GuestMemory {
     pub fn new(size: usize) -> anyhow::Result<GuestMemory> {
-        let file = memfd(size as u64).context("memfd")?;
+        GuestMemory::on_file(memfd(size as u64).context("memfd")?, size)
+    }
+
+    /// Guest memory in `file` (sized to `size` here): a hugetlbfs file, say.
+    pub fn on_file(file: File, size: usize) -> anyhow::Result<GuestMemory> {
+        file.set_len(size as u64)
+            .context("size guest memory file")?;
         // SAFETY: maps the whole file we just sized; checked for MAP_FAILED below.
         let ptr = unsafe {
             libc::mmap(
@@ -69,6 +75,11 @@ impl GuestMemory {
 
     pub fn size(&self) -> u64 {
         self.size as u64
+    }
+
+    /// The file behind the memory (a hostile frontend may shrink it under the backend).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Our virtual address of `gpa` (what SET_VRING_ADDR carries).
