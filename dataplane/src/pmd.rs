@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -129,12 +129,56 @@ pub enum Returned {
     Ring(Box<Virtq>),
 }
 
-/// A one-shot acknowledgement from the PMD.
+/// A one-shot acknowledgement from the PMD, and the one place where control and the PMD agree
+/// on whether a command happened: the PMD claims it (POSTED → TAKEN) before applying it, and
+/// control, once it stops waiting, withdraws it (POSTED → CANCELLED) unless the PMD has it. A
+/// command is so either applied (and control waits for DONE, which applying reaches without
+/// blocking) or never applied (and control knows it failed): never applied after control gave
+/// up on it, which once left a queue polled by two PMDs.
 struct Reply {
-    /// Set with Release by the PMD after it stopped using what the command replaced; control's
-    /// Acquire load pairs with it, so everything the PMD did before is visible to control.
-    done: AtomicBool,
+    /// POSTED, TAKEN, DONE or CANCELLED. The PMD's Release store of DONE, after it stopped
+    /// using what the command replaced, pairs with control's Acquire load, so everything the
+    /// PMD did before is visible to control; the claim and the withdrawal are one CAS each on
+    /// POSTED, so only one of them wins.
+    state: AtomicU8,
     returned: ArrayQueue<Returned>,
+}
+
+const POSTED: u8 = 0;
+const TAKEN: u8 = 1;
+const DONE: u8 = 2;
+const CANCELLED: u8 = 3;
+
+impl Reply {
+    fn new() -> Arc<Reply> {
+        Arc::new(Reply {
+            state: AtomicU8::new(POSTED),
+            returned: ArrayQueue::new(1),
+        })
+    }
+
+    /// PMD: claim the command; false if control withdrew it.
+    fn take(&self) -> bool {
+        self.state
+            .compare_exchange(POSTED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// PMD: applied; what it handed back is in `returned`.
+    fn done(&self) {
+        self.state.store(DONE, Ordering::Release);
+    }
+
+    /// Control: withdraw a command the PMD has not claimed; false if it has.
+    fn cancel(&self) -> bool {
+        self.state
+            .compare_exchange(POSTED, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn is_done(&self) -> bool {
+        self.state.load(Ordering::Acquire) == DONE
+    }
 }
 
 enum Command {
@@ -150,6 +194,18 @@ enum Command {
         ring: Option<Box<Virtq>>,
         reply: Arc<Reply>,
     },
+}
+
+impl Command {
+    fn reply(&self) -> &Arc<Reply> {
+        match self {
+            Command::AddPort(_, r)
+            | Command::RemovePort(_, r)
+            | Command::AddRxq(_, r)
+            | Command::RemoveRxq(_, _, r)
+            | Command::SwapRing { reply: r, .. } => r,
+        }
+    }
 }
 
 struct Shared {
@@ -238,12 +294,11 @@ impl PmdHandle {
         &self.shared.stats
     }
 
-    /// Post a command and wait until the PMD applied it; returns what it handed back.
+    /// Post a command and wait until the PMD applied it; returns what it handed back. Past
+    /// ACK_TIMEOUT a command the PMD has not claimed is withdrawn (and never applied: the
+    /// error means nothing happened); one it claimed is waited for, as it is being applied.
     fn call(&self, make: impl FnOnce(Arc<Reply>) -> Command) -> Result<Option<Returned>, PmdError> {
-        let reply = Arc::new(Reply {
-            done: AtomicBool::new(false),
-            returned: ArrayQueue::new(1),
-        });
+        let reply = Reply::new();
         let deadline = Instant::now() + ACK_TIMEOUT;
         let mut cmd = make(reply.clone());
         while let Err(back) = self.shared.cmds.push(cmd) {
@@ -254,8 +309,8 @@ impl PmdHandle {
             std::thread::sleep(Duration::from_micros(100));
         }
         self.wake();
-        while !reply.done.load(Ordering::Acquire) {
-            if Instant::now() > deadline || self.finished() {
+        while !reply.is_done() {
+            if (Instant::now() > deadline || self.finished()) && reply.cancel() {
                 return Err(PmdError::Unresponsive(self.core.0));
             }
             std::thread::sleep(Duration::from_micros(20));
@@ -647,8 +702,16 @@ impl Pmd {
         n
     }
 
+    /// Apply a command control posted, unless control withdrew it first (then what it
+    /// carries is dropped here: a ring or port it gave up on).
     #[cold]
     fn apply(&mut self, cmd: Command) {
+        if cmd.reply().take() {
+            self.apply_taken(cmd);
+        }
+    }
+
+    fn apply_taken(&mut self, cmd: Command) {
         let f = &mut self.fwd.fabric;
         let (reply, back) = match cmd {
             Command::AddPort(port, reply) => {
@@ -715,7 +778,7 @@ impl Pmd {
         if let Some(b) = back {
             reply.returned.force_push(b);
         }
-        reply.done.store(true, Ordering::Release);
+        reply.done();
     }
 }
 
@@ -1228,10 +1291,32 @@ mod tests {
     }
 
     fn reply() -> Arc<Reply> {
-        Arc::new(Reply {
-            done: AtomicBool::new(false),
-            returned: ArrayQueue::new(1),
-        })
+        Reply::new()
+    }
+
+    /// A command control withdrew (its ack timed out before the PMD claimed it) is never
+    /// applied, however late the PMD gets to it; one the PMD claimed cannot be withdrawn.
+    #[test]
+    fn a_withdrawn_command_is_never_applied() {
+        let (mut pmd, g) = switch_with(&[false]);
+        let source = Source::Vhost {
+            ring: Box::new(g[0].tx.ring(false).into()),
+            features: NetFeatures::default(),
+            kick: None,
+        };
+        let r = reply();
+        assert!(r.cancel());
+        pmd.apply(Command::AddRxq(
+            Rxq::new(PortId(0), 1, source, Arc::default()),
+            r.clone(),
+        ));
+        assert_eq!(pmd.rxqs.len(), 1, "only the queue added before");
+        assert!(!r.is_done());
+        let r = reply();
+        pmd.apply(Command::RemoveRxq(PortId(0), 0, r.clone()));
+        assert!(r.is_done() && !r.cancel(), "applied: too late to withdraw");
+        assert!(pmd.rxqs.is_empty());
+        assert!(matches!(r.returned.pop(), Some(Returned::Rxq(_))));
     }
 
     impl Pmd {

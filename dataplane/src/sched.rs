@@ -299,8 +299,10 @@ impl Dataplane {
         else {
             return Ok(None);
         };
+        // Not removed unless the PMD applied it (a withdrawn command leaves it polled).
+        let out = self.pmds[e.pmd].remove_rxq(port, queue)?;
         e.running = false;
-        self.pmds[e.pmd].remove_rxq(port, queue)
+        Ok(out)
     }
 
     /// Install (Some) or detach (None) one virtqueue of a guest's port; `kick`: the eventfd
