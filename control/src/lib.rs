@@ -4,5 +4,6 @@
 
 pub mod config;
 pub mod ctl;
+pub mod framing;
 pub mod switch;
 pub mod vhost_user;

@@ -507,7 +507,7 @@ fn start_vhost_port(pc: &PortConfig, id: PortId, dp: &Arc<Dataplane>) -> anyhow:
     let handle = std::thread::Builder::new()
         .name(format!("vhost-{}", pc.name))
         .spawn(move || match thread_listener {
-            Some(l) => serve.listener(l),
+            Some(l) => Arc::new(serve).listener(l),
             None => serve.client(&path),
         })
         .context("spawn port thread")?;
@@ -574,44 +574,154 @@ impl Serve {
         *lock(&self.conn) = None;
     }
 
-    fn listener(&self, l: UnixListener) {
+    /// Server mode: one frontend at a time, served on a thread of its own, so that a second
+    /// one is refused (with a log line) instead of waiting unanswered in the backlog, and a
+    /// silent one only holds the port until its first message times out.
+    fn listener(self: Arc<Self>, l: UnixListener) {
+        let busy = Arc::new(AtomicBool::new(false));
+        let mut current: Option<std::thread::JoinHandle<()>> = None;
         for stream in l.incoming() {
             if self.stopped() {
-                return;
+                break;
             }
             match stream {
-                Ok(s) => self.serve(s),
+                // Acquire/Release: pairs with the serving thread's store when it ends.
+                Ok(s) if busy.swap(true, Ordering::AcqRel) => {
+                    log::warn!(
+                        "port {}: refusing a second frontend while one is connected",
+                        self.name
+                    );
+                    drop(s);
+                }
+                Ok(s) => {
+                    if let Some(t) = current.take() {
+                        let _ = t.join();
+                    }
+                    let (me, done) = (self.clone(), busy.clone());
+                    let t = std::thread::Builder::new()
+                        .name(format!("vhost-{}-conn", self.name))
+                        .spawn(move || {
+                            me.serve(s);
+                            done.store(false, Ordering::Release);
+                        });
+                    match t {
+                        Ok(t) => current = Some(t),
+                        Err(e) => {
+                            log::error!("port {}: cannot serve a connection: {e}", self.name);
+                            busy.store(false, Ordering::Release);
+                        }
+                    }
+                }
                 Err(e) => {
                     log::error!("port {}: accept: {e}", self.name);
-                    std::thread::sleep(Duration::from_millis(100));
+                    self.pause(Duration::from_millis(100));
                 }
             }
+        }
+        // Stopped: the connection was shut down with the listener, and ends promptly.
+        if let Some(t) = current {
+            let _ = t.join();
         }
     }
 
-    /// Client mode: connect to the frontend's socket, and again (with backoff) whenever it goes.
-    fn client(&self, path: &Path) {
-        let mut backoff = Duration::from_millis(50);
+    /// Sleep for `d`, or less if the port is stopped meanwhile.
+    fn pause(&self, d: Duration) {
+        let end = std::time::Instant::now() + d;
         while !self.stopped() {
-            match UnixStream::connect(path) {
-                Ok(s) => {
-                    backoff = Duration::from_millis(50);
-                    self.serve(s);
-                }
-                Err(e)
-                    if e.kind() == ErrorKind::NotFound
-                        || e.kind() == ErrorKind::ConnectionRefused =>
-                {
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => {
-                    log::warn!("port {}: connect {}: {e}", self.name, path.display());
-                    std::thread::sleep(Duration::from_secs(1));
-                }
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
             }
+            std::thread::sleep(left.min(Duration::from_millis(20)));
         }
     }
+
+    /// Client mode: connect to the frontend's socket, and again (with backoff) whenever it
+    /// goes. The backoff resets only after a connection that lived (a frontend that accepts
+    /// and closes at once is retried ever more slowly, not thousands of times a second), the
+    /// connect never waits on the frontend (a full backlog is a retry), and a stop is seen
+    /// within a few milliseconds whatever the thread was waiting for.
+    fn client(&self, path: &Path) {
+        const FIRST: Duration = Duration::from_millis(50);
+        const MAX: Duration = Duration::from_secs(2);
+        const LIVED: Duration = Duration::from_secs(5);
+        let mut backoff = FIRST;
+        let mut last_error = None;
+        while !self.stopped() {
+            match connect_nonblocking(path) {
+                Ok(s) => {
+                    last_error = None;
+                    let since = std::time::Instant::now();
+                    self.serve(s);
+                    if since.elapsed() >= LIVED {
+                        backoff = FIRST;
+                        continue;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::NotFound | ErrorKind::ConnectionRefused | ErrorKind::WouldBlock
+                    ) => {}
+                Err(e) => {
+                    // Once per kind of error, not once per attempt.
+                    if last_error != Some(e.kind()) {
+                        log::warn!("port {}: connect {}: {e}", self.name, path.display());
+                        last_error = Some(e.kind());
+                    }
+                }
+            }
+            self.pause(backoff);
+            backoff = (backoff * 2).min(MAX);
+        }
+    }
+}
+
+/// Connect to a unix socket without waiting on its listener: a full backlog is `WouldBlock`
+/// at once (a blocking connect would sleep until the frontend accepts). The stream returned
+/// is blocking.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: a zeroed sockaddr_un is valid; the path is copied within sun_path's bounds.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: plain socket(2); the fd is owned by the UnixStream at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is fresh and ours.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    // SAFETY: addr is a valid sockaddr_un of the size given.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 pub fn serve_connection(
@@ -630,8 +740,21 @@ pub fn serve_connection(
         }
     };
     let mut h = BackendReqHandler::from_stream(s, dev.clone());
+    let mut first = true;
     loop {
-        let next = peek_message(&replies);
+        // Whole, bounded in size, fds and time, before the crate reads it (framing.rs).
+        let next = match crate::framing::await_message(&replies, first) {
+            Ok(m) => Peeked::from(&m),
+            Err(crate::framing::FrameError::Disconnected) => {
+                log::info!("port {name}: frontend disconnected");
+                break;
+            }
+            Err(e) => {
+                log::warn!("port {name}: closing connection: {e}");
+                break;
+            }
+        };
+        first = false;
         match h.handle_request() {
             Ok(()) => {}
             Err(vhost::vhost_user::Error::Disconnected)
@@ -647,8 +770,7 @@ pub fn serve_connection(
             Err(vhost::vhost_user::Error::InactiveFeature(f))
                 if f == VhostUserVirtioFeatures::PROTOCOL_FEATURES =>
             {
-                let Some((msg, (index, enable))) = next.and_then(|m| Some((m, m.vring_enable?)))
-                else {
+                let Some((msg, (index, enable))) = next.vring_enable.map(|v| (next, v)) else {
                     log::warn!("port {name}: closing connection: inactive feature {f:?}");
                     break;
                 };
@@ -705,33 +827,20 @@ impl Peeked {
 /// Look at the next message without taking it (nor its file descriptors) off the socket;
 /// waits until its header (and a SET_VRING_ENABLE's body) has arrived. None when the peer
 /// closed first.
-fn peek_message(s: &UnixStream) -> Option<Peeked> {
-    let mut buf = [0u8; 20];
-    let peek = |buf: &mut [u8]| {
-        // SAFETY: recv writes at most buf.len() bytes into buf, which outlives the call.
-        let n = unsafe {
-            libc::recv(
-                s.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_PEEK | libc::MSG_WAITALL,
-            )
-        };
-        n == buf.len() as isize
-    };
-    if !peek(&mut buf[..12]) {
-        return None;
+impl Peeked {
+    fn from(m: &crate::framing::Message) -> Peeked {
+        let b = &m.head;
+        let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let (request, flags, size) = (word(0), word(4), word(8));
+        let vring_enable =
+            (request == FrontendReq::SET_VRING_ENABLE as u32 && size == 8 && m.len >= 20)
+                .then(|| (word(12), word(16) == 1));
+        Peeked {
+            request,
+            flags,
+            vring_enable,
+        }
     }
-    let word = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let (request, flags, size) = (word(&buf, 0), word(&buf, 4), word(&buf, 8));
-    let vring_enable =
-        (request == FrontendReq::SET_VRING_ENABLE as u32 && size == 8 && peek(&mut buf))
-            .then(|| (word(&buf, 12), word(&buf, 16) == 1));
-    Some(Peeked {
-        request,
-        flags,
-        vring_enable,
-    })
 }
 
 #[cfg(test)]

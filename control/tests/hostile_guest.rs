@@ -332,3 +332,127 @@ fn hostile_shrunk_memory_costs_its_connection_not_the_switch() {
     good.stop();
     sw.check_accounting();
 }
+
+/// Read until the switch closes the connection; the bytes it sent first.
+fn read_until_closed(s: &mut UnixStream, within: Duration) -> Vec<u8> {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+            Err(e) => panic!("connection not closed within {within:?}: {e}"),
+        }
+    }
+}
+
+/// Framing attacks on a server-mode port, while the loop runs on two others: a connection
+/// that says nothing holds the port only until its first message times out (a second
+/// frontend meanwhile is refused at once, not left hanging); a message with more fds than the
+/// backend takes, hiding a GET_FEATURES in its body, closes the connection unanswered; half a
+/// header times out. After each, a well-behaved frontend connects.
+#[test]
+fn hostile_framing_closes_the_connection_and_serves_the_next() {
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let sw = Switch::start("hostile-framing", 3);
+    let mut good = Testpmd::io_loop(&sw, "loop", 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let fds_before = sw.fd_count();
+    let sock = sw.sock(2);
+    let moved = |sw: &Switch| n(&sw.port(&sw.stats_within_1s(), 1)["to_port"]["packets"]);
+
+    // Silent: the next frontend is refused at once, the silent one closed after 10 s.
+    let t = Instant::now();
+    let mut silent = UnixStream::connect(&sock).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut second = UnixStream::connect(&sock).unwrap();
+    assert!(read_until_closed(&mut second, Duration::from_secs(2)).is_empty());
+    let m0 = moved(&sw);
+    assert!(read_until_closed(&mut silent, Duration::from_secs(15)).is_empty());
+    assert!(t.elapsed() >= Duration::from_secs(9), "{:?}", t.elapsed());
+    assert!(moved(&sw) > m0 + 10_000, "loop stalled");
+    assert!(sw.log().contains("refusing a second frontend"));
+
+    // 40 fds with a message smuggled in the body: closed, nothing answered.
+    let mut s = UnixStream::connect(&sock).unwrap();
+    let files: Vec<_> = (0..40)
+        .map(|_| std::fs::File::open("/dev/null").unwrap())
+        .collect();
+    let raw: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+    let mut m = header(1, 1, 12); // GET_FEATURES, whose body is another GET_FEATURES
+    m.extend(header(1, 1, 0));
+    s.send_with_fds(&[&m[..]], &raw).unwrap();
+    assert!(read_until_closed(&mut s, Duration::from_secs(2)).is_empty());
+
+    // Half a header: closed within the message timeout.
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(&header(1, 1, 0)[..5]).unwrap();
+    let t = Instant::now();
+    assert!(read_until_closed(&mut s, Duration::from_secs(10)).is_empty());
+    assert!(t.elapsed() >= Duration::from_secs(4), "{:?}", t.elapsed());
+
+    // And the port serves the next frontend.
+    let mem = GuestMemory::new(4 << 20).unwrap();
+    let (rx, next) = DriverRing::at(0x1000, 16);
+    let (tx, _) = DriverRing::at(next, 16);
+    let dev = Device::connect(&sock, &mem, &[&rx, &tx]).unwrap();
+    sw.wait_connected(2, true);
+    drop(dev);
+    sw.wait_connected(2, false);
+    wait_until("fds released", || sw.fd_count() <= fds_before);
+    good.stop();
+    sw.check_accounting();
+}
+
+/// Client-mode ports against hostile frontends: one that accepts and closes at once is
+/// retried ever more slowly (not thousands of times a second), and one whose listen backlog
+/// is full neither blocks the port's thread nor `del-port`.
+#[test]
+fn hostile_client_mode_frontends_cannot_spin_or_hang_the_port() {
+    use std::os::fd::AsRawFd;
+    let dir = TestDir::new("hostile-client-fe");
+    let closing = dir.join("closing.sock");
+    let full = dir.join("full.sock");
+    let l = std::os::unix::net::UnixListener::bind(&closing).unwrap();
+    // A listener with a backlog of 0, filled by one connection it never accepts.
+    let stuck = std::os::unix::net::UnixListener::bind(&full).unwrap();
+    // SAFETY: listen(2) on a socket of ours.
+    assert_eq!(unsafe { libc::listen(stuck.as_raw_fd(), 0) }, 0);
+    let _filler = UnixStream::connect(&full).unwrap();
+    let ports = format!(
+        "[[port]]\nname = \"c0\"\ntype = \"vhost-user\"\nmode = \"client\"\nsocket = \"{}\"\n\
+         [[port]]\nname = \"c1\"\ntype = \"vhost-user\"\nmode = \"client\"\nsocket = \"{}\"\n",
+        closing.display(),
+        full.display()
+    );
+    let sw = Switch::with_config("hostile-client", "", &ports);
+    l.set_nonblocking(true).unwrap();
+    let t = Instant::now();
+    let mut accepted = 0;
+    while t.elapsed() < Duration::from_secs(4) {
+        match l.accept() {
+            Ok((s, _)) => {
+                accepted += 1;
+                drop(s);
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    // 50 ms doubling to 2 s: 7 attempts in 4 s; without the backoff, tens of thousands.
+    assert!(
+        (3..=12).contains(&accepted),
+        "{accepted} connections in 4 s"
+    );
+    let t = Instant::now();
+    sw.ctl(&["del-port", "c1"]);
+    sw.ctl(&["del-port", "c0"]);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "del-port took {:?}",
+        t.elapsed()
+    );
+    assert!(sw.log().lines().count() < 60, "{}", sw.log());
+}
