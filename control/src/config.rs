@@ -53,6 +53,10 @@ struct DataplaneSection {
     pmd_cores: Vec<usize>,
     #[serde(default = "default_ctl")]
     control_socket: PathBuf,
+    /// Permissions of the control socket, octal (default "0660"), and its group. Clients
+    /// other than root and the switch's own user may only read (stats, shows).
+    control_socket_mode: Option<String>,
+    control_socket_group: Option<String>,
     /// Folder of per-port files, relative to the main file. Default: `ports.d` if it exists.
     ports_dir: Option<PathBuf>,
     /// DPDK EAL arguments, used only if a `dpdk` port exists. Default: DEFAULT_EAL_ARGS.
@@ -240,6 +244,8 @@ pub struct Config {
     pub rxq_assign: Assign,
     pub auto_lb: Option<AutoLb>,
     pub control_socket: PathBuf,
+    /// Mode and group of the control socket (`control_socket_mode`, `control_socket_group`).
+    pub control_perm: SocketPerm,
     pub eal_args: Vec<String>,
     pub ports: Vec<PortConfig>,
 }
@@ -272,7 +278,12 @@ fn parse<T: serde::de::DeserializeOwned>(file: &Path) -> Result<T, ConfigError> 
         file: file.to_owned(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    parse_text(file, &text)
+}
+
+/// `text`, the contents of `file` (which is only named, not read).
+fn parse_text<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
         file: file.to_owned(),
         message: e.to_string().trim_end().replace('\n', "\n  "),
     })
@@ -441,6 +452,13 @@ fn validate(
         },
         auto_lb: dp.auto_lb.then_some(lb),
         pmd_cores: dp.pmd_cores,
+        control_perm: perm_from(
+            main_file,
+            "control_socket",
+            dp.control_socket_mode.as_deref(),
+            None,
+            dp.control_socket_group.as_deref(),
+        )?,
         control_socket: dp.control_socket,
         eal_args: dp
             .eal_args
@@ -461,9 +479,15 @@ pub fn check_affinity(pc: &PortConfig, pmd_cores: &[usize]) -> Result<(), Config
     }
 }
 
-/// Read and validate one port file (`ringswitch ctl add-port`).
+/// Read and validate one port file.
 pub fn load_port(file: &Path) -> Result<PortConfig, ConfigError> {
     validate_port(parse(file)?, file.to_owned())
+}
+
+/// Validate one port file that `ringswitch ctl add-port` read and sent (the switch never
+/// opens a path a client names: its errors quote only what that client could read itself).
+pub fn port_from_text(file: &Path, text: &str) -> Result<PortConfig, ConfigError> {
+    validate_port(parse_text(file, text)?, file.to_owned())
 }
 
 fn validate_port(p: PortSection, file: PathBuf) -> Result<PortConfig, ConfigError> {
@@ -662,30 +686,39 @@ impl PortSet {
 
 /// Owner, group and mode of a server-mode vhost-user socket.
 fn socket_perm(p: &PortSection, file: &Path) -> Result<SocketPerm, ConfigError> {
-    let invalid = |key: &str, message| ConfigError::invalid(file, key, message);
+    perm_from(
+        file,
+        "socket",
+        p.socket_mode.as_deref(),
+        p.socket_owner.as_deref(),
+        p.socket_group.as_deref(),
+    )
+}
+
+/// A socket's permissions from the keys `{prefix}_mode`, `_owner` and `_group`.
+fn perm_from(
+    file: &Path,
+    prefix: &str,
+    mode: Option<&str>,
+    owner: Option<&str>,
+    group: Option<&str>,
+) -> Result<SocketPerm, ConfigError> {
+    let invalid =
+        |key: &str, message| ConfigError::invalid(file, &format!("{prefix}_{key}"), message);
     let mut perm = SocketPerm::default();
-    if let Some(m) = &p.socket_mode {
+    if let Some(m) = mode {
         perm.mode = u32::from_str_radix(m.trim_start_matches("0o"), 8)
             .ok()
             .filter(|&m| m <= 0o777)
-            .ok_or_else(|| {
-                invalid(
-                    "socket_mode",
-                    format!("{m:?} is not an octal mode like \"0660\""),
-                )
-            })?;
+            .ok_or_else(|| invalid("mode", format!("{m:?} is not an octal mode like \"0660\"")))?;
     }
-    if let Some(o) = &p.socket_owner {
-        perm.uid = Some(
-            resolve_id(o, false)
-                .ok_or_else(|| invalid("socket_owner", format!("no user {o:?}")))?,
-        );
+    if let Some(o) = owner {
+        perm.uid =
+            Some(resolve_id(o, false).ok_or_else(|| invalid("owner", format!("no user {o:?}")))?);
     }
-    if let Some(g) = &p.socket_group {
-        perm.gid = Some(
-            resolve_id(g, true)
-                .ok_or_else(|| invalid("socket_group", format!("no group {g:?}")))?,
-        );
+    if let Some(g) = group {
+        perm.gid =
+            Some(resolve_id(g, true).ok_or_else(|| invalid("group", format!("no group {g:?}")))?);
     }
     Ok(perm)
 }

@@ -1,28 +1,59 @@
 //! The control socket: a unix socket taking one-line commands (`stats`, `stats-json`,
-//! `pmd-stats-show`, `pmd-rxq-show`, `rebalance`, `pin`, `add-port FILE`, `del-port NAME`) and the
-//! `ringswitch ctl` client for it. The server runs on its own control thread.
+//! `pmd-stats-show`, `pmd-rxq-show`, `rebalance`, `pin`, `add-port FILE` followed by the
+//! file's contents, `del-port NAME`) and the `ringswitch ctl` client for it. The server
+//! accepts on its own control thread and answers each client on a thread of its own (16 at
+//! most, each with a 2 s timeout); only root and the switch's own user may change the switch.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use dataplane::sched::{Assign, Move};
 use dataplane::stats::QueueCounters;
 use serde_json::{json, Value};
 
+use crate::config::SocketPerm;
 use crate::switch::Switch;
 
-pub fn serve(path: &Path, sw: Arc<Switch>) -> anyhow::Result<()> {
-    let l = crate::switch::bind_socket(path, Default::default()).context("control socket")?;
+/// Clients served at once; one more is told so and closed.
+const MAX_CLIENTS: usize = 16;
+/// How long a client has to send its request (and to take the reply).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest port file `add-port` sends.
+const MAX_PORT_FILE: u64 = 64 * 1024;
+
+pub fn serve(path: &Path, perm: SocketPerm, sw: Arc<Switch>) -> anyhow::Result<()> {
+    let l = crate::switch::bind_socket(path, perm).context("control socket")?;
+    let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("ctl".into())
         .spawn(move || {
             for s in l.incoming().flatten() {
-                if let Err(e) = answer(s, &sw) {
-                    log::warn!("ctl: {e}");
+                // Relaxed: a count, bounded by this thread alone; each client's thread
+                // decrements it when done.
+                if active.fetch_add(1, Ordering::Relaxed) >= MAX_CLIENTS {
+                    active.fetch_sub(1, Ordering::Relaxed);
+                    let _ = s.set_write_timeout(Some(CLIENT_TIMEOUT));
+                    let _ = (&s).write_all(b"error: too many control clients, try again\n");
+                    continue;
+                }
+                let (sw, active) = (sw.clone(), active.clone());
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("ctl-client".into())
+                        .spawn(move || {
+                            if let Err(e) = answer(s, &sw) {
+                                log::warn!("ctl: {e:#}");
+                            }
+                            active.fetch_sub(1, Ordering::Relaxed);
+                        });
+                if let Err(e) = spawned {
+                    log::warn!("ctl: cannot serve a client: {e}");
                 }
             }
         })
@@ -30,26 +61,66 @@ pub fn serve(path: &Path, sw: Arc<Switch>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Who is asking: root and the switch's own user may change the switch; anyone else who may
+/// open the socket (`control_socket_mode` / `_group`) may only read it.
+fn may_change(s: &UnixStream) -> bool {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of the size given; both outlive the call.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    // SAFETY: geteuid cannot fail.
+    r == 0 && (cred.uid == 0 || cred.uid == unsafe { libc::geteuid() })
+}
+
 fn answer(s: UnixStream, sw: &Switch) -> anyhow::Result<()> {
+    s.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    s.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut input = BufReader::new(s.try_clone()?);
     let mut line = String::new();
-    BufReader::new(s.try_clone()?)
-        .take(256)
-        .read_line(&mut line)?;
+    (&mut input).take(256).read_line(&mut line)?;
     let line = line.trim();
     let (verb, arg) = line.split_once(' ').unwrap_or((line, ""));
     let done = |r: anyhow::Result<()>, what: String| match r {
         Ok(()) => format!("ok: {what}\n"),
         Err(e) => format!("error: {e:#}\n"),
     };
+    let changes = matches!(verb, "add-port" | "del-port" | "pin" | "rebalance");
     let reply = match verb {
+        _ if changes && !may_change(&s) => format!(
+            "error: {verb} changes the switch: only root or the switch's own user may; this \
+             client may read (stats, pmd-stats-show, pmd-rxq-show)\n"
+        ),
         "stats" => format_stats(&stats_json(sw)),
         "stats-json" => stats_json(sw).to_string() + "\n",
-        "add-port" => done(
-            crate::config::load_port(Path::new(arg))
-                .map_err(anyhow::Error::from)
+        // The client read the file and sent it (see `client`): the switch never opens a path
+        // a client names, so no error quotes a file the client could not read.
+        "add-port" => {
+            let mut text = String::new();
+            let read = input
+                .take(MAX_PORT_FILE)
+                .read_to_string(&mut text)
+                .with_context(|| format!("{arg}: not sent whole as UTF-8 text"));
+            done(
+                read.and_then(|_| {
+                    crate::config::port_from_text(Path::new(arg), &text)
+                        .map_err(anyhow::Error::from)
+                })
                 .and_then(|pc| sw.add_port(pc)),
-            format!("added the port of {arg}"),
-        ),
+                format!("added the port of {arg}"),
+            )
+        }
         "del-port" => done(sw.del_port(arg), format!("removed port {arg}")),
         "pmd-stats-show" => format_pmds(&stats_json(sw)),
         "pmd-rxq-show" => format_rxqs(&stats_json(sw)),
@@ -346,10 +417,15 @@ fn format_stats(v: &Value) -> String {
 }
 
 /// `ringswitch ctl`: send one command, return the answer (an `error: …` answer is an error).
-pub fn client(path: &Path, cmd: &str) -> anyhow::Result<String> {
+/// Send `cmd` (one line, then `body` if any: the file of `add-port`) and return the reply.
+pub fn client(path: &Path, cmd: &str, body: Option<&[u8]>) -> anyhow::Result<String> {
     let mut s = UnixStream::connect(path)
         .with_context(|| format!("connect to {} (is ringswitch running?)", path.display()))?;
     s.write_all(format!("{cmd}\n").as_bytes())?;
+    if let Some(b) = body {
+        s.write_all(b)?;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     if let Some(e) = out.strip_prefix("error: ") {

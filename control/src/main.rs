@@ -69,16 +69,22 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match (cli.cmd, cli.config) {
         (Some(Cmd::Ctl { socket, what }), _) => {
+            let mut body = None;
             let cmd = match what {
                 CtlCmd::Stats { json: true } => "stats-json".to_string(),
                 CtlCmd::Stats { json: false } => "stats".to_string(),
-                // The switch reads the file: give it an absolute path.
-                CtlCmd::AddPort { file } => format!(
-                    "add-port {}",
-                    std::fs::canonicalize(&file)
-                        .with_context(|| format!("{}", file.display()))?
-                        .display()
-                ),
+                // We read the file, with our own rights, and send it; the path names it in
+                // the switch's messages.
+                CtlCmd::AddPort { file } => {
+                    body =
+                        Some(std::fs::read(&file).with_context(|| format!("{}", file.display()))?);
+                    format!(
+                        "add-port {}",
+                        std::fs::canonicalize(&file)
+                            .with_context(|| format!("{}", file.display()))?
+                            .display()
+                    )
+                }
                 CtlCmd::DelPort { name } => format!("del-port {name}"),
                 CtlCmd::PmdStatsShow => "pmd-stats-show".into(),
                 CtlCmd::PmdRxqShow => "pmd-rxq-show".into(),
@@ -87,7 +93,7 @@ fn main() -> anyhow::Result<()> {
                     format!("rebalance {}", policy.unwrap_or_default())
                 }
             };
-            print!("{}", ctl::client(&socket, &cmd)?);
+            print!("{}", ctl::client(&socket, &cmd, body.as_deref())?);
             Ok(())
         }
         (Some(Cmd::Check { config }), _) => {
@@ -105,9 +111,11 @@ fn main() -> anyhow::Result<()> {
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let cfg = config::Config::load(path)?;
+    let fds = switch::raise_fd_limit();
+    log::debug!("file descriptor limit {fds}");
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).context("signals")?;
     let sw = Arc::new(switch::Switch::start(&cfg)?);
-    ctl::serve(&cfg.control_socket, sw.clone())?;
+    ctl::serve(&cfg.control_socket, cfg.control_perm, sw.clone())?;
     log::info!(
         "ringswitch running: {} port(s), PMD core(s) {:?}, control socket {}",
         sw.with_ports(|p| p.len()),
@@ -139,7 +147,7 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     sw.remove_sockets();
-    let _ = std::fs::remove_file(&cfg.control_socket);
+    switch::remove_socket_file(&cfg.control_socket);
     // Exit without joining the port threads (they block in accept/recv); the OS unmaps guest memory.
     std::process::exit(0)
 }

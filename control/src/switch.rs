@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io::{ErrorKind, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -121,6 +121,7 @@ impl Switch {
         let context = || format!("port {} ({})", pc.name, pc.file.display());
         let cores: Vec<usize> = self.dp.pmds().iter().map(|p| p.core().0).collect();
         crate::config::check_affinity(&pc, &cores)?;
+        check_fd_budget(&ports.list, &pc).with_context(context)?;
         ports.set.insert(&pc)?;
         let id = free_id(&ports.list)
             .with_context(|| format!("more than {} ports", dataplane::pmd::MAX_PORTS))
@@ -232,6 +233,71 @@ impl Switch {
 }
 
 /// The lowest port id no port has.
+/// File descriptors kept out of every port's budget: control (its clients, logs), DPDK and
+/// the PMDs' own (epoll, io_uring) need them whatever the frontends do.
+pub const FD_RESERVE: u64 = 256;
+
+/// The most file descriptors a port can make the switch hold: per vhost-user virtqueue its
+/// kick and call eventfds and the copies its ring and PMD hold (3.5 a virtqueue measured with
+/// 128 of them), plus a memory table of 8 regions, a dirty log and the connection; a tap's
+/// queues; a DPDK port's few.
+pub fn fd_budget(pc: &PortConfig) -> u64 {
+    let q = pc.queues as u64;
+    match pc.kind {
+        PortKind::VhostUser { .. } => 2 * q * 4 + 16,
+        PortKind::Tap { .. } => q + 4,
+        PortKind::Dpdk { .. } => 8,
+    }
+}
+
+/// Refuse a port whose budget the fd limit cannot cover beside the running ports' and the
+/// reserve: a frontend must never leave control (or a good guest) without fds.
+fn check_fd_budget(list: &[PortInfo], pc: &PortConfig) -> anyhow::Result<()> {
+    let limit = fd_limit();
+    let used: u64 = list.iter().map(|p| fd_budget(&p.config)).sum();
+    let need = fd_budget(pc);
+    let room = limit.saturating_sub(FD_RESERVE);
+    if used + need > room {
+        anyhow::bail!(
+            "needs up to {need} file descriptors, and the switch's limit of {limit} \
+             (RLIMIT_NOFILE) leaves {} beside the {used} the running ports may hold and {FD_RESERVE} \
+             kept for control: raise the limit (LimitNOFILE=, ulimit -Hn) or give it fewer queues",
+            room.saturating_sub(used)
+        );
+    }
+    Ok(())
+}
+
+/// The soft RLIMIT_NOFILE (raised to the hard one at start, see `raise_fd_limit`).
+fn fd_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 1024;
+    }
+    r.rlim_cur
+}
+
+/// Raise the soft fd limit to the hard one (1024 is the usual soft limit; a 128-queue port
+/// alone needs more); returns the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on a struct of ours.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+    fd_limit()
+}
+
 fn free_id(list: &[PortInfo]) -> Option<PortId> {
     (0..dataplane::pmd::MAX_PORTS as u16)
         .map(PortId)
@@ -264,10 +330,10 @@ impl PortInfo {
         Ok(())
     }
 
-    /// Remove the socket ringswitch created for the port, if it did.
+    /// Remove the socket ringswitch created for the port, if it did (and it is one still).
     fn remove_socket(&self) {
         if let Some(socket) = self.config.server_socket() {
-            let _ = std::fs::remove_file(socket);
+            remove_socket_file(socket);
         }
     }
 }
@@ -533,7 +599,15 @@ pub fn bind_socket(path: &Path, perm: SocketPerm) -> anyhow::Result<UnixListener
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    if path.exists() {
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        // Only a socket is ever replaced: a port file naming any other file must not make the
+        // switch delete it.
+        if !md.file_type().is_socket() {
+            anyhow::bail!(
+                "{} exists and is not a socket: not replaced",
+                path.display()
+            );
+        }
         if UnixStream::connect(path).is_ok() {
             anyhow::bail!("{} is in use by a running process", path.display());
         }
@@ -547,6 +621,13 @@ pub fn bind_socket(path: &Path, perm: SocketPerm) -> anyhow::Result<UnixListener
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(perm.mode))
         .with_context(|| format!("chmod {}", path.display()))?;
     Ok(l)
+}
+
+/// Remove `path` if it is a socket (never any other file).
+pub fn remove_socket_file(path: &Path) {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// What a vhost-user port thread serves connections with.

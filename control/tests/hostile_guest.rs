@@ -456,3 +456,139 @@ fn hostile_client_mode_frontends_cannot_spin_or_hang_the_port() {
     );
     assert!(sw.log().lines().count() < 60, "{}", sw.log());
 }
+
+/// Under the common soft limit of 1024 fds: a port whose fd budget the limit cannot cover is
+/// refused with a clear error, a frontend that opens every one of its 128 virtqueues holds
+/// what its port's budget allows, and control and a good guest starting after it still work.
+#[test]
+fn hostile_fd_hungry_frontend_leaves_control_and_good_guests_working() {
+    let ports = format!(
+        "{}[[port]]\nname = \"wide\"\ntype = \"vhost-user\"\nsocket = \"{{dir}}/wide.sock\"\nqueues = 64\n",
+        vhost_ports(2)
+    );
+    let sw = Switch::wrapped(
+        "hostile-fds",
+        "",
+        &ports,
+        &["prlimit", "--nofile=1024:1024"],
+    );
+    let big = sw.dir.join("big.toml");
+    std::fs::write(
+        &big,
+        format!(
+            "name = \"big\"\ntype = \"vhost-user\"\nsocket = \"{}/big.sock\"\nqueues = 128\n",
+            sw.dir.display()
+        ),
+    )
+    .unwrap();
+    let e = sw.ctl_err(&["add-port", big.to_str().unwrap()]);
+    assert!(e.contains("RLIMIT_NOFILE"), "{e}");
+    let fds_before = sw.fd_count();
+
+    let mem = GuestMemory::new(4 << 20).unwrap();
+    let mut rings = Vec::new();
+    let mut at = 0x1000;
+    for _ in 0..128 {
+        let (r, next) = DriverRing::at(at, 16);
+        rings.push(r);
+        at = next;
+    }
+    let refs: Vec<&DriverRing> = rings.iter().collect();
+    let dev = Device::connect(&sw.dir.join("wide.sock"), &mem, &refs).unwrap();
+    wait_until("wide port connected", || {
+        sw.stats()["ports"][2]["connected"] == true
+    });
+    let held = sw.fd_count() - fds_before;
+    assert!(held >= 256, "{held} fds for 128 virtqueues");
+    assert!(
+        held as u64 <= 2 * 64 * 4 + 16,
+        "{held} fds, beyond the port's budget"
+    );
+
+    let mut good = Testpmd::io_loop(&sw, "loop", 4);
+    let moved = |s: &Value| n(&sw.port(s, 1)["to_port"]["packets"]);
+    let a = moved(&sw.stats_within_1s());
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(moved(&sw.stats_within_1s()) > a + 10_000, "loop stalled");
+    drop(dev);
+    good.stop();
+    wait_until("fds released", || sw.fd_count() <= fds_before);
+    sw.check_accounting();
+}
+
+/// `ringswitch ctl ARGS` as the unprivileged user nobody: (succeeded, stdout + stderr).
+fn ctl_as_nobody(sw: &Switch, args: &[&str]) -> (bool, String) {
+    // A copy nobody can run wherever the build tree lives (a home directory, say).
+    let bin = sw.dir.join("ringswitch-ctl");
+    if !bin.exists() {
+        std::fs::copy(env!("CARGO_BIN_EXE_ringswitch"), &bin).unwrap();
+    }
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["ctl", "--socket"])
+        .arg(sw.dir.join("ctl.sock"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// The control socket against its own clients: idle and half-sent requests do not keep
+/// others waiting (and are closed), a client that is neither root nor the switch's user may
+/// read but not change the switch, never gets the switch to read a file for it, and no port
+/// file can make the switch delete a file that is not a socket.
+#[test]
+fn hostile_control_clients_cannot_jam_or_escalate() {
+    let sw = Switch::with_config(
+        "hostile-ctl",
+        "control_socket_mode = \"0666\"",
+        &vhost_ports(2),
+    );
+    let ctl = sw.dir.join("ctl.sock");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&ctl).unwrap().permissions().mode() & 0o777,
+        0o666
+    );
+    // Idle clients and a half-sent line: others are answered meanwhile; they are closed.
+    let mut idle: Vec<UnixStream> = (0..5).map(|_| UnixStream::connect(&ctl).unwrap()).collect();
+    let mut half = UnixStream::connect(&ctl).unwrap();
+    half.write_all(b"sta").unwrap();
+    for _ in 0..3 {
+        sw.stats_within_1s();
+    }
+    for s in idle.iter_mut().chain([&mut half]) {
+        let _ = read_until_closed(s, Duration::from_secs(5));
+    }
+    // Read-only for nobody; changes refused, and the port is still there.
+    let (ok, out) = ctl_as_nobody(&sw, &["stats"]);
+    assert!(ok && out.contains("p0"), "{out}");
+    let (ok, out) = ctl_as_nobody(&sw, &["del-port", "p0"]);
+    assert!(!ok && out.contains("only root"), "{out}");
+    assert_eq!(sw.stats()["ports"].as_array().unwrap().len(), 2);
+    // A file nobody may read: the client cannot send it, and the switch never opens it.
+    let secret = sw.dir.join("secret.toml");
+    std::fs::write(&secret, "password = \"hunter2\"\n[").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (ok, out) = ctl_as_nobody(&sw, &["add-port", secret.to_str().unwrap()]);
+    assert!(!ok && !out.contains("hunter2"), "{out}");
+    // As root the contents are its own to see; but a socket path naming a regular file is
+    // refused, and the file survives.
+    let victim = sw.dir.join("victim.txt");
+    std::fs::write(&victim, "keep me").unwrap();
+    let pf = sw.dir.join("evil.toml");
+    std::fs::write(
+        &pf,
+        format!(
+            "name = \"evil\"\ntype = \"vhost-user\"\nsocket = \"{}\"\n",
+            victim.display()
+        ),
+    )
+    .unwrap();
+    let e = sw.ctl_err(&["add-port", pf.to_str().unwrap()]);
+    assert!(e.contains("not a socket"), "{e}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+}

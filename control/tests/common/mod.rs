@@ -88,6 +88,11 @@ impl Switch {
     /// lines added to `[dataplane]` and the `ports` tables; `{dir}` in either stands for the
     /// test's directory.
     pub fn with_config(tag: &str, dataplane: &str, ports: &str) -> Switch {
+        Switch::wrapped(tag, dataplane, ports, &[])
+    }
+
+    /// As `with_config`, the binary started by the command `wrap` (e.g. `prlimit ...`).
+    pub fn wrapped(tag: &str, dataplane: &str, ports: &str, wrap: &[&str]) -> Switch {
         let dir = tmpdir(tag);
         let d = dir.display().to_string();
         let pmd = match dataplane.contains("pmd_cores") {
@@ -102,13 +107,9 @@ impl Switch {
         std::fs::write(dir.join("main.toml"), cfg).unwrap();
         let log = std::fs::File::create(dir.join("ringswitch.log")).unwrap();
         let child = Command::new("timeout")
-            .args([
-                "-s",
-                "TERM",
-                "300",
-                env!("CARGO_BIN_EXE_ringswitch"),
-                "--config",
-            ])
+            .args(["-s", "TERM", "300"])
+            .args(wrap)
+            .args([env!("CARGO_BIN_EXE_ringswitch"), "--config"])
             .arg(dir.join("main.toml"))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -172,7 +173,7 @@ impl Switch {
         stats["ports"][port].clone()
     }
 
-    /// The switch's own PID (the child is `timeout`).
+    /// The switch's own PID (the child is `timeout`; a wrapper such as prlimit execs it).
     pub fn pid(&self) -> u32 {
         let me = self.child.id();
         let kids = std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")).unwrap();
