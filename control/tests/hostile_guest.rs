@@ -592,3 +592,113 @@ fn hostile_control_clients_cannot_jam_or_escalate() {
     assert!(e.contains("not a socket"), "{e}");
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
 }
+
+/// A 64 KiB TCP frame of the guest's, asking to be cut at `gso_size` bytes (virtio-net
+/// header first), flooded (broadcast) to the loop's ports, which take no TSO.
+fn tso_frame(gso_size: u16) -> Vec<u8> {
+    let payload = 65_000usize;
+    let mut f = Vec::new();
+    // virtio-net header: NEEDS_CSUM, GSO TCPv4, hdr_len, gso_size, csum_start, csum_offset.
+    f.extend([1, 1]);
+    f.extend(54u16.to_le_bytes());
+    f.extend(gso_size.to_le_bytes());
+    f.extend(34u16.to_le_bytes());
+    f.extend(16u16.to_le_bytes());
+    f.extend([0, 0]);
+    f.extend([0xff; 6]);
+    f.extend([2, 0, 0, 0, 0, 0x77, 0x08, 0x00]);
+    f.extend([0x45, 0]);
+    f.extend(((40 + payload) as u16).to_be_bytes());
+    f.extend([0, 1, 0x40, 0, 64, 6, 0, 0, 198, 51, 100, 7, 198, 51, 100, 8]);
+    f.extend([
+        0x13, 0x88, 0x13, 0x89, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0,
+    ]);
+    f.resize(f.len() + payload, 0x5a);
+    f
+}
+
+/// A frontend on port 2 that keeps its TX ring full of chains (`hostile`: TSO frames asking
+/// for 1-byte segments, and chains of 1000 zero-length descriptors; else one small frame to
+/// its own MAC) while the loop on ports 0 and 1 is measured (the least of three seconds).
+fn costly_frames_phase(sw: &Switch, hostile: bool) -> (f64, u64) {
+    use perf::frontend::VIRTIO_F_VERSION_1;
+    let mem = GuestMemory::new(4 << 20).unwrap();
+    let (rx, next) = DriverRing::at(0x1000, 16);
+    let (mut tx, _) = DriverRing::at(next, 2048);
+    let (frame_at, empties) = (0x20_0000, 1000u16);
+    if hostile {
+        let f = tso_frame(1);
+        mem.write(frame_at, &f);
+        tx.set_desc(&mem, 0, frame_at, f.len() as u32, 0, 0);
+        for i in 1..=empties {
+            let next = if i < empties { i + 1 } else { 0 };
+            let flags = if i < empties { VIRTQ_DESC_F_NEXT } else { 0 };
+            let len = if i < empties { 0 } else { 76 };
+            tx.set_desc(&mem, i, frame_at, len, flags, next);
+        }
+    } else {
+        let mut f = vec![0u8; 12];
+        f.extend([2, 0, 0, 0, 0, 0x66, 2, 0, 0, 0, 0, 0x66, 0x88, 0xb5]);
+        f.resize(12 + 64, 0xab);
+        mem.write(frame_at, &f);
+        tx.set_desc(&mem, 0, frame_at, f.len() as u32, 0, 0);
+        tx.set_desc(&mem, 1, frame_at, f.len() as u32, 0, 0);
+    }
+    // CSUM and HOST_TSO4: the switch reads the guest's virtio-net headers.
+    let dev = Device::connect_with(&sw.sock(2), &mem, &[&rx, &tx], 1 | 1 << 11).unwrap();
+    assert_ne!(dev.features & VIRTIO_F_VERSION_1, 0);
+    let (rate, sent) = std::thread::scope(|s| {
+        let measure = s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(500));
+            let mut rate = f64::MAX;
+            for _ in 0..3 {
+                sw.stats_within_1s();
+                rate = rate.min(loop_rate(sw, 1.0));
+            }
+            rate
+        });
+        let mut sent = 0u64;
+        while !measure.is_finished() {
+            // Keep up to 32 chains of each kind queued.
+            while tx.avail_idx.wrapping_sub(tx.used_idx(&mem)) < 64 {
+                tx.queue(&mem, 0);
+                tx.queue(&mem, 1);
+                sent += 2;
+            }
+            tx.set_avail_idx(&mem, tx.avail_idx);
+            let _ = dev.kicks[1].write(1);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (measure.join().unwrap(), sent)
+    });
+    wait_until("chains returned", || tx.used_idx(&mem) == tx.avail_idx);
+    drop(dev);
+    sw.wait_connected(2, false);
+    (rate, sent)
+}
+
+/// Frames that are cheap to send and dear to switch — TSO frames asking for 1-byte segments
+/// (65,000 frames each, cut in software), chains of 1000 zero-length descriptors — are
+/// refused at the cost of a normal frame: the loop on the other ports keeps its rate (against
+/// the same frontend sending small frames), and each is counted.
+#[test]
+fn hostile_costly_frames_cannot_starve_other_ports() {
+    let sw = Switch::start("hostile-costly", 3);
+    let mut good = Testpmd::io_loop(&sw, "loop", 4);
+    std::thread::sleep(Duration::from_secs(1));
+    let (polite, polite_sent) = costly_frames_phase(&sw, false);
+    let before = sw.port(&sw.stats(), 2)["from_port"].clone();
+    let (hostile, hostile_sent) = costly_frames_phase(&sw, true);
+    assert!(
+        hostile >= 0.9 * polite,
+        "the loop fell from {polite:.0} to {hostile:.0} frames/s"
+    );
+    let h = sw.port(&sw.stats(), 2)["from_port"].clone();
+    let d = |k: &str| n(&h[k]) - n(&before[k]);
+    assert_eq!(n(&before["packets"]), polite_sent, "{before}");
+    assert_eq!(d("packets"), hostile_sent, "{h}");
+    assert_eq!(d("drop_bad_offload"), hostile_sent / 2, "{h}");
+    assert_eq!(d("drop_bad_descriptor"), hostile_sent / 2, "{h}");
+    good.stop();
+    sw.check_accounting();
+}
