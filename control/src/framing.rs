@@ -92,8 +92,10 @@ pub fn await_message(s: &UnixStream, first: bool) -> Result<Message, FrameError>
             return Err(FrameError::TooManyFds(fds));
         }
         let before = msg.len;
-        let head_room = msg.head.len().saturating_sub(before).min(n);
-        msg.head[before..before + head_room].copy_from_slice(&scratch[..head_room]);
+        if let Some(room) = msg.head.get_mut(before..) {
+            let k = room.len().min(n);
+            room[..k].copy_from_slice(&scratch[..k]);
+        }
         msg.len += n;
         if before < HEADER && msg.len >= HEADER {
             let size =
@@ -268,6 +270,22 @@ mod tests {
         let mut all = [0u8; 20];
         (&be).read_exact(&mut all).unwrap();
         assert_eq!(&all[..12], &header(5, 8)[..]);
+    }
+
+    /// Found by the fuzzer: a piece arriving after the first 20 bytes.
+    #[test]
+    fn a_long_message_in_three_pieces_is_seen_whole() {
+        let (mut fe, be) = UnixStream::pair().unwrap();
+        let mut m = header(5, 100);
+        m.resize(112, 7);
+        std::thread::spawn(move || {
+            for piece in [&m[..16], &m[16..40], &m[40..]] {
+                fe.write_all(piece).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        assert_eq!(await_message(&be, false).unwrap().len, 112);
     }
 
     #[test]

@@ -1,7 +1,11 @@
 //! The vhost-user backend as a hostile frontend sees it: arbitrary bytes, cut into sends that
-//! carry 0–8 memory fds, fed to the same connection handler the switch runs. Whatever arrives,
-//! the handler must return (close the connection) without panicking, and the device must come
-//! back to a clean state that a well-behaved frontend could use.
+//! carry 0–7 fds, or 40 (more than a message may), of one kind per send — memfds, eventfds
+//! (plain, or blocking with the counter at its maximum, as a call fd that would block a plain
+//! write), the ends of a pipe whose buffer is full, /dev/null — fed to the same connection
+//! handler the switch runs, with the frontend's side shut once all is sent. Whatever arrives,
+//! the handler must return (close the connection) without panicking (a hang is reported by
+//! libFuzzer's -timeout), and the device must come back to a clean state that a well-behaved
+//! frontend could use.
 #![no_main]
 
 use std::io::Read;
@@ -33,9 +37,56 @@ fn pmd() -> Arc<Dataplane> {
     .clone()
 }
 
-/// Send `bytes` with `nfds` fresh 64 KiB memfds attached (SCM_RIGHTS).
-fn send_with_fds(s: &UnixStream, bytes: &[u8], nfds: usize) {
-    let files: Vec<_> = (0..nfds).map(|_| ringswitch_fuzz::memfd(0x10000)).collect();
+/// One fd of kind `kind` (0..=7), as a hostile frontend might pass it for anything.
+fn hostile_fd(kind: u8) -> std::fs::File {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let eventfd = |flags| {
+        // SAFETY: eventfd(2); owned by the File at once.
+        unsafe { std::fs::File::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC | flags)) }
+    };
+    let pipe = |end: usize| {
+        let mut p = [0; 2];
+        // SAFETY: pipe2(2) into a local array; both ends are owned below.
+        assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: fresh fds, each owned once.
+        let (r, w) = unsafe {
+            (
+                std::fs::File::from_raw_fd(p[0]),
+                std::fs::File::from_raw_fd(p[1]),
+            )
+        };
+        // Fill the pipe: a blocking write to it would now wait forever.
+        // SAFETY: fcntl on an fd of ours.
+        unsafe { libc::fcntl(p[1], libc::F_SETFL, libc::O_NONBLOCK) };
+        while (&w).write(&[0u8; 4096]).is_ok() {}
+        // SAFETY: as above: back to blocking.
+        unsafe { libc::fcntl(p[1], libc::F_SETFL, 0) };
+        if end == 0 {
+            r
+        } else {
+            w
+        }
+    };
+    match kind {
+        0 | 1 => ringswitch_fuzz::memfd(0x10000),
+        2 => eventfd(0),
+        3 => eventfd(libc::EFD_NONBLOCK),
+        4 => {
+            let f = eventfd(0);
+            (&f).write_all(&0xffff_ffff_ffff_fffeu64.to_ne_bytes())
+                .expect("fill eventfd");
+            f
+        }
+        5 => pipe(0),
+        6 => pipe(1),
+        _ => std::fs::File::open("/dev/null").expect("/dev/null"),
+    }
+}
+
+/// Send `bytes` with `nfds` fresh fds of `kind` attached (SCM_RIGHTS).
+fn send_with_fds(s: &UnixStream, bytes: &[u8], nfds: usize, kind: u8) {
+    let files: Vec<_> = (0..nfds).map(|_| hostile_fd(kind)).collect();
     let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr() as *mut _,
@@ -78,17 +129,24 @@ fuzz_target!(|data: &[u8]| {
     )));
     let (frontend, backend) = UnixStream::pair().expect("socketpair");
 
-    // Records: [fd count (low 3 bits)][length, u16 LE][bytes…], sent one sendmsg each.
+    // Records: [head][length, u16 LE][bytes…], sent one sendmsg each. The head's low 3 bits
+    // are the fd count, bit 6 makes it 40 (more than the backend takes), bits 3..=5 the kind
+    // (`hostile_fd`; memfds for 0 and 1, so the old seeds keep their meaning).
     let mut records = Vec::new();
     let mut rest = data;
     while let [head, lo, hi, tail @ ..] = rest {
         let n = (u16::from_le_bytes([*lo, *hi]) as usize).min(tail.len());
-        records.push(((*head & 7) as usize, tail[..n].to_vec()));
+        let nfds = if *head & 0x40 != 0 {
+            40
+        } else {
+            (*head & 7) as usize
+        };
+        records.push((nfds, (*head >> 3) & 7, tail[..n].to_vec()));
         rest = &tail[n..];
     }
     let peer = std::thread::spawn(move || {
-        for (nfds, bytes) in &records {
-            send_with_fds(&frontend, bytes, *nfds);
+        for (nfds, kind, bytes) in &records {
+            send_with_fds(&frontend, bytes, *nfds, *kind);
         }
         let _ = frontend.shutdown(std::net::Shutdown::Write);
         // Swallow replies until the backend hangs up.

@@ -4,7 +4,11 @@
 //! offloads on, the TX chains'
 //! virtio-net headers are parsed and, for an RX side that does not take them, checksums and TCP
 //! segmentation are done in software (offload.rs). Nothing may panic, every translated segment
-//! must lie inside guest memory, and the RX counters must account for every delivery.
+//! must lie inside guest memory, and the RX counters must account for every delivery. The
+//! rings notify through call eventfds, which the fuzzer may make hostile (blocking, counter at
+//! its maximum: a notify that blocked would hang the run, which libFuzzer's -timeout reports).
+//! Cost oracle: a chain's walk reads at most MAX_CHAIN_DESCS descriptors (+1 for an indirect
+//! head), and software segmentation makes at most MAX_FRAME / MIN_GSO_SIZE + 1 frames of one.
 #![no_main]
 
 use std::os::unix::fs::FileExt;
@@ -12,13 +16,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use dataplane::guest_mem::{MemTable, RegionDesc};
+use dataplane::offload::MIN_GSO_SIZE;
 use dataplane::offload::{Frame, OffloadCaps, VnetHdr, VNET_HDR_LEN};
 use dataplane::port::{Delivery, NetFeatures, Port, RxScratch, VhostPort, VhostRxq};
 use dataplane::stats::QueueStats;
 use dataplane::txlock::pmd_holder;
 use dataplane::virtq::copy::gather;
 use dataplane::virtq::split::RingAddrs;
-use dataplane::virtq::{PackedRing, SegList, SplitRing, VirtQueue, Virtq};
+use dataplane::virtq::{
+    PackedRing, SegList, SplitRing, VirtQueue, Virtq, DESC_READS, MAX_CHAIN_DESCS,
+};
 use dataplane::{PortId, BURST, MAX_FRAME};
 use libfuzzer_sys::fuzz_target;
 
@@ -33,10 +40,26 @@ const UVA: u64 = 0x7f00_0000_0000;
 const TX: u64 = A_GPA;
 const RX: u64 = A_GPA + 0x200;
 
+/// A call eventfd: blocking with its counter at the maximum (`hostile`), or a plain one.
+fn call_fd(hostile: bool) -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: eventfd(2); the fd is owned by the File at once.
+    let f = unsafe { std::fs::File::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC)) };
+    if hostile {
+        use std::io::Write;
+        (&f).write_all(&0xffff_ffff_ffff_fffeu64.to_ne_bytes())
+            .expect("fill eventfd");
+    }
+    f
+}
+
 fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
         return;
     }
+    // The notifications go through this thread's io_uring, as on a PMD.
+    static NOTIFIER: std::sync::Once = std::sync::Once::new();
+    NOTIFIER.call_once(|| dataplane::virtq::call::install().expect("io_uring"));
     let (cfg, image) = data.split_at(4);
     let qsize = |b: u8| 1u32 << (b % 5); // 1..=16
                                          // Bits 3..=7 of cfg[2]: TX headers read, then what the RX side takes (CSUM, TSO4, TSO6, ECN).
@@ -98,6 +121,8 @@ fuzz_target!(|data: &[u8]| {
     // Bit 4 of cfg[3]: packed rings (descriptors at +0, driver area at +0x100, device area at
     // +0x140; both wrap counters start at 1).
     let packed = cfg[3] & 0x10 != 0;
+    // Bit 5 of cfg[3]: hostile call fds.
+    let hostile_calls = cfg[3] & 0x20 != 0;
     let ring = |base: u64, size: u32| -> Virtq {
         let uva = UVA + base - A_GPA;
         let addrs = RingAddrs {
@@ -107,11 +132,12 @@ fuzz_target!(|data: &[u8]| {
         };
         let stats = Arc::new(QueueStats::default());
         let m = mem.clone();
+        let call = Some(call_fd(hostile_calls));
         match packed {
             true => {
-                PackedRing::new(m, size, addrs, 0x8000, event_idx, None, stats).map(Virtq::from)
+                PackedRing::new(m, size, addrs, 0x8000, event_idx, call, stats).map(Virtq::from)
             }
-            false => SplitRing::new(m, size, addrs, 0, event_idx, None, stats).map(Virtq::from),
+            false => SplitRing::new(m, size, addrs, 0, event_idx, call, stats).map(Virtq::from),
         }
         .expect("rings are placed validly")
     };
@@ -133,7 +159,7 @@ fuzz_target!(|data: &[u8]| {
     let mut scratch = RxScratch::new(pmd_holder(0));
     // Frames offered as they are, and frames whose offloads were finished in software first (the
     // RX side then counts each frame made of them, as `sw_offload`).
-    let (mut offered, mut finished) = (0u64, 0u64);
+    let (mut offered, mut finished, mut tx_frames) = (0u64, 0u64, 0u64);
     let hdr = features.hdr_len as u32;
     for round in 0..rounds {
         if round > 0 {
@@ -147,6 +173,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         let mut on_frame = |src: &SegList| {
+            tx_frames += 1;
             let sum: u64 = src.segs().iter().map(|s| s.len as u64).sum();
             assert_eq!(sum, src.total as u64);
             for s in src.segs() {
@@ -191,6 +218,7 @@ fuzz_target!(|data: &[u8]| {
             // into it is alive between bursts.
             unsafe { port.flush_and_release(q as usize) };
         }
+        dataplane::virtq::call::maintain();
     }
     // Every frame offered to the RX ring was delivered or counted as a drop.
     let s = &*rx_stats;
@@ -200,6 +228,9 @@ fuzz_target!(|data: &[u8]| {
         + s.drop_bad_descriptor.load(Ordering::Relaxed);
     let made = s.sw_offload.load(Ordering::Relaxed);
     assert!(made >= finished || broken());
+    // Cost: what one frame may be cut into.
+    let most = tx_frames * (MAX_FRAME / MIN_GSO_SIZE as u32 + 1) as u64;
+    assert!(made <= most, "{made} frames made of {tx_frames}");
     // A ring found broken half-way through a finished frame's pieces takes no more of them.
     if broken() {
         assert!(delivered + dropped <= offered + made);
@@ -216,11 +247,19 @@ fn tx_burst<R: VirtQueue>(tx: &mut R, hdr: u32, src: &mut SegList, frame: impl F
         let head = tx.head_at(i);
         tx.prefetch_desc(head);
         tx.prefetch_data(head, hdr);
-        if tx.walk_chain(head, false, src).is_ok() {
+        let before = DESC_READS.load(Ordering::Relaxed);
+        let ok = tx.walk_chain(head, false, src).is_ok();
+        let reads = DESC_READS.load(Ordering::Relaxed) - before;
+        assert!(
+            reads <= MAX_CHAIN_DESCS as u64 + 1,
+            "{reads} descriptor reads for one chain"
+        );
+        if ok {
             frame(src);
         }
         tx.push_used(head, 0);
     }
     tx.advance(n);
     tx.flush();
+    dataplane::virtq::call::maintain();
 }

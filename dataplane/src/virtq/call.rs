@@ -186,6 +186,11 @@ pub fn in_flight() -> u32 {
 
 impl Notifier {
     fn submit(&mut self, call: &Arc<CallState>) {
+        if self.free.is_empty() {
+            // Every slot holds a write in flight: free those of rings that are gone first.
+            self.cancel_orphans();
+            self.reap();
+        }
         let Some(i) = self.free.pop() else {
             self.overflow += 1;
             call.state.store(IDLE, Ordering::Release);

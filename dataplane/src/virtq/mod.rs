@@ -237,6 +237,21 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// a longer chain is refused as a bad descriptor rather than walked.
 pub const MAX_SEGS: usize = 64;
 
+/// Descriptors read from guest memory, counted only in fuzzing builds: the fuzz targets'
+/// cost oracle (a chain's walk must stay within MAX_CHAIN_DESCS reads).
+#[cfg(fuzzing)]
+pub static DESC_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[cfg(fuzzing)]
+#[inline]
+pub(crate) fn count_desc_read() {
+    DESC_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[cfg(not(fuzzing))]
+#[inline(always)]
+pub(crate) fn count_desc_read() {}
+
 /// Descriptors one chain may have, zero-length ones included (they add no segment, but each
 /// costs a read): the walk of a chain is bounded by this, not by the queue size (32768).
 pub const MAX_CHAIN_DESCS: u16 = MAX_SEGS as u16;

@@ -207,6 +207,7 @@ impl PackedRing {
 
     #[inline]
     fn read_desc(&self, table: *const PDesc, i: u16) -> PDesc {
+        count_desc_read();
         // SAFETY: callers pass i below the table's entry count; the table was bounds-checked.
         unsafe { std::ptr::read_volatile(table.add(i as usize)) }
     }

@@ -286,6 +286,7 @@ impl SplitRing {
 
     #[inline]
     fn read_desc(&self, table: *const Desc, i: u16) -> Desc {
+        count_desc_read();
         // SAFETY: callers check i < the table's entry count, and the table was bounds-checked
         // (the ring's own in `new`, an indirect one in `walk_chain`). Volatile: guest-owned.
         unsafe { std::ptr::read_volatile(table.add(i as usize)) }
