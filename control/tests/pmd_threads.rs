@@ -185,6 +185,7 @@ fn adaptive_pmd_wakes_on_kicks(name: &str, event_idx: bool) {
         ring: 256,
         progress: false,
         event_idx,
+        interrupts: false,
     };
     let before = sleeps();
     let r = perf::traffic::run(&sw.sock(0), &sw.sock(1), &cfg).unwrap();
@@ -258,6 +259,7 @@ fn pipeline_hands_frames_from_the_rx_pmd_to_the_tx_pmd() {
         ring: 256,
         progress: false,
         event_idx: false,
+        interrupts: false,
     };
     let r = perf::traffic::run(&sw.sock(0), &sw.sock(1), &cfg).unwrap();
     let s = sw.stats();

@@ -20,6 +20,7 @@ fn traffic_tool_measures_through_the_switch_without_loss() {
         ring: 256,
         progress: false,
         event_idx: false,
+        interrupts: false,
     };
     let r = run(&sw.sock(0), &sw.sock(1), &cfg).unwrap();
     assert!(r.sent > 300_000, "sent only {}", r.sent);

@@ -38,6 +38,9 @@ pub struct TrafficConfig {
     /// Negotiate VIRTIO_RING_F_EVENT_IDX, as Linux's driver does: after publishing, read the
     /// backend's `avail_event` to decide whether to kick (instead of `used.flags`).
     pub event_idx: bool,
+    /// Leave the rings' VRING_AVAIL_F_NO_INTERRUPT clear: the backend then writes the call
+    /// eventfds after its bursts, as for a guest driver that sleeps (nobody reads them here).
+    pub interrupts: bool,
 }
 
 pub struct Report {
@@ -83,7 +86,13 @@ struct Port {
 }
 
 impl Port {
-    fn connect(socket: &Path, ring: u16, mac: [u8; 6], event_idx: bool) -> anyhow::Result<Port> {
+    fn connect(
+        socket: &Path,
+        ring: u16,
+        mac: [u8; 6],
+        event_idx: bool,
+        interrupts: bool,
+    ) -> anyhow::Result<Port> {
         let n = ring as u64;
         let (mut rx, next) = DriverRing::at(0x1000, ring);
         let (tx, next) = DriverRing::at(next, ring);
@@ -101,8 +110,8 @@ impl Port {
             );
             rx.publish(&mem, i);
         }
-        // We poll: no interrupts, please.
-        for r in [&rx, &tx] {
+        // We poll: no interrupts, please (unless the run measures what they cost).
+        for r in [&rx, &tx].iter().filter(|_| !interrupts) {
             mem.write_u16(r.avail, VRING_AVAIL_F_NO_INTERRUPT);
         }
         let extra = if event_idx {
@@ -273,8 +282,20 @@ pub fn run(a: &Path, b: &Path, cfg: &TrafficConfig) -> anyhow::Result<Report> {
         (64..=2000).contains(&cfg.frame_len),
         "frame size must be 64..=2000"
     );
-    let mut pa = Port::connect(a, cfg.ring, [2, 0, 0, 0, 0, 0xa], cfg.event_idx)?;
-    let mut pb = Port::connect(b, cfg.ring, [2, 0, 0, 0, 0, 0xb], cfg.event_idx)?;
+    let mut pa = Port::connect(
+        a,
+        cfg.ring,
+        [2, 0, 0, 0, 0, 0xa],
+        cfg.event_idx,
+        cfg.interrupts,
+    )?;
+    let mut pb = Port::connect(
+        b,
+        cfg.ring,
+        [2, 0, 0, 0, 0, 0xb],
+        cfg.event_idx,
+        cfg.interrupts,
+    )?;
     let hz = dataplane::tsc::hz() as f64;
     // Learning switches see each port's MAC once; the hellos are not counted.
     for (p, other) in [(&mut pa, [0xff; 6]), (&mut pb, [0xff; 6])] {

@@ -187,6 +187,16 @@ impl Switch {
             .count()
     }
 
+    /// How many mappings of frontends' memory the switch has (memfds and hugetlbfs files;
+    /// not its own: thread stacks come and go with glibc's stack cache).
+    pub fn map_count(&self) -> usize {
+        std::fs::read_to_string(format!("/proc/{}/maps", self.pid()))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("memfd:") || l.contains("/dev/hugepages/"))
+            .count()
+    }
+
     /// `ctl stats --json`, which must answer within a second.
     pub fn stats_within_1s(&self) -> Value {
         let t = std::time::Instant::now();

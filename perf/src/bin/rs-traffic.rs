@@ -42,6 +42,10 @@ struct Args {
     /// Negotiate EVENT_IDX and decide on kicks from the backend's avail_event, as Linux does.
     #[arg(long)]
     event_idx: bool,
+    /// Ask for a notification (call eventfd write) after the backend's bursts, as a guest
+    /// driver that sleeps does; by default the rings say NO_INTERRUPT.
+    #[arg(long)]
+    interrupts: bool,
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
@@ -102,6 +106,7 @@ fn main() -> anyhow::Result<()> {
         ring: args.ring,
         progress: !args.json,
         event_idx: args.event_idx,
+        interrupts: args.interrupts,
     };
     if args.zero_loss {
         let z = zero_loss(
