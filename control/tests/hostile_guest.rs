@@ -189,6 +189,22 @@ fn best_rate(sw: &Switch, n: usize) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Run `step` over and over (every `pause`) while the loop's best rate over five seconds is
+/// measured, on another thread (a frontend's memory is its own thread's); returns that rate.
+fn measured_while(sw: &Switch, pause: Duration, mut step: impl FnMut()) -> f64 {
+    std::thread::scope(|s| {
+        let measure = s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(500));
+            best_rate(sw, 5)
+        });
+        while !measure.is_finished() {
+            step();
+            std::thread::sleep(pause);
+        }
+        measure.join().unwrap()
+    })
+}
+
 /// Clear O_NONBLOCK on an fd the switch shares with us (it sets it on the call fds it gets).
 fn clear_nonblock(fd: i32) {
     // SAFETY: fcntl on an fd of ours; nothing else is touched.
@@ -199,7 +215,7 @@ fn clear_nonblock(fd: i32) {
 }
 
 /// A frontend on port 2 sending frames whose used chains the switch must announce, while the
-/// loop on ports 0 and 1 is measured: its rate (the best of three seconds), and how many
+/// loop on ports 0 and 1 is measured: its rate (the best of five seconds), and how many
 /// frames the frontend got through. `hostile`: its call eventfds are blocking, their counters
 /// at the maximum, and it keeps clearing the O_NONBLOCK the switch sets on them.
 fn call_fd_phase(sw: &Switch, hostile: bool) -> (f64, u64) {
@@ -220,25 +236,16 @@ fn call_fd_phase(sw: &Switch, hostile: bool) -> (f64, u64) {
             c.write(0xffff_ffff_ffff_fffe).unwrap();
         }
     }
-    // The frontend runs here (guest memory is this thread's); the loop is measured meanwhile.
-    let (rate, sent) = std::thread::scope(|s| {
-        let measure = s.spawn(|| {
-            std::thread::sleep(Duration::from_millis(500));
-            best_rate(sw, 3)
-        });
-        let mut sent = 0u64;
-        while !measure.is_finished() {
-            for c in dev.calls.iter().filter(|_| hostile) {
-                clear_nonblock(c.as_raw_fd());
-            }
-            if tx.used_idx(&mem) == tx.avail_idx {
-                tx.publish(&mem, 0);
-                let _ = dev.kicks[1].write(1);
-                sent += 1;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+    let mut sent = 0u64;
+    let rate = measured_while(sw, Duration::from_millis(1), || {
+        for c in dev.calls.iter().filter(|_| hostile) {
+            clear_nonblock(c.as_raw_fd());
         }
-        (measure.join().unwrap(), sent)
+        if tx.used_idx(&mem) == tx.avail_idx {
+            tx.publish(&mem, 0);
+            let _ = dev.kicks[1].write(1);
+            sent += 1;
+        }
     });
     let h = sw.port(&sw.stats_within_1s(), 2);
     assert!(
@@ -629,7 +636,7 @@ fn tso_frame(gso_size: u16) -> Vec<u8> {
 
 /// A frontend on port 2 that keeps its TX ring full of chains (`hostile`: TSO frames asking
 /// for 1-byte segments, and chains of 1000 zero-length descriptors; else one small frame to
-/// its own MAC) while the loop on ports 0 and 1 is measured (the best of three seconds).
+/// its own MAC) while the loop on ports 0 and 1 is measured (the best of five seconds).
 fn costly_frames_phase(sw: &Switch, hostile: bool) -> (f64, u64) {
     use perf::frontend::VIRTIO_F_VERSION_1;
     let mem = GuestMemory::new(4 << 20).unwrap();
@@ -657,24 +664,16 @@ fn costly_frames_phase(sw: &Switch, hostile: bool) -> (f64, u64) {
     // CSUM and HOST_TSO4: the switch reads the guest's virtio-net headers.
     let dev = Device::connect_with(&sw.sock(2), &mem, &[&rx, &tx], 1 | 1 << 11).unwrap();
     assert_ne!(dev.features & VIRTIO_F_VERSION_1, 0);
-    let (rate, sent) = std::thread::scope(|s| {
-        let measure = s.spawn(|| {
-            std::thread::sleep(Duration::from_millis(500));
-            best_rate(sw, 3)
-        });
-        let mut sent = 0u64;
-        while !measure.is_finished() {
-            // Keep up to 32 chains of each kind queued.
-            while tx.avail_idx.wrapping_sub(tx.used_idx(&mem)) < 64 {
-                tx.queue(&mem, 0);
-                tx.queue(&mem, 1);
-                sent += 2;
-            }
-            tx.set_avail_idx(&mem, tx.avail_idx);
-            let _ = dev.kicks[1].write(1);
-            std::thread::sleep(Duration::from_millis(1));
+    let mut sent = 0u64;
+    let rate = measured_while(sw, Duration::from_millis(1), || {
+        // Keep up to 32 chains of each kind queued.
+        while tx.avail_idx.wrapping_sub(tx.used_idx(&mem)) < 64 {
+            tx.queue(&mem, 0);
+            tx.queue(&mem, 1);
+            sent += 2;
         }
-        (measure.join().unwrap(), sent)
+        tx.set_avail_idx(&mem, tx.avail_idx);
+        let _ = dev.kicks[1].write(1);
     });
     wait_until("chains returned", || tx.used_idx(&mem) == tx.avail_idx);
     drop(dev);

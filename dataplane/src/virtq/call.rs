@@ -347,6 +347,22 @@ mod tests {
         }
     }
 
+    /// The hostile case: a blocking eventfd at its maximum, taken over as a call fd, then its
+    /// O_NONBLOCK cleared by the frontend. Returns the call fd and the frontend's copy.
+    fn hostile_call() -> (CallFd, File) {
+        let f = blocking_eventfd();
+        let hostile = f.try_clone().unwrap();
+        let call = CallFd::new(f);
+        clear_nonblock(&hostile);
+        let max = 0xffff_ffff_ffff_fffeu64;
+        // SAFETY: writes 8 bytes from a local.
+        let n = unsafe { libc::write(hostile.as_raw_fd(), &max as *const u64 as *const _, 8) };
+        assert_eq!(n, 8);
+        (call, hostile)
+    }
+
+    const MAX: u64 = 0xffff_ffff_ffff_fffe;
+
     fn clear_nonblock(f: &File) {
         // SAFETY: fcntl on an fd we own.
         unsafe {
@@ -381,14 +397,7 @@ mod tests {
     fn a_full_blocking_eventfd_never_blocks_the_caller() {
         std::thread::spawn(|| {
             install().unwrap();
-            let f = blocking_eventfd();
-            let hostile = f.try_clone().unwrap();
-            let call = CallFd::new(f);
-            clear_nonblock(&hostile);
-            let max = 0xffff_ffff_ffff_fffeu64;
-            // SAFETY: writes 8 bytes from a local.
-            let n = unsafe { libc::write(hostile.as_raw_fd(), &max as *const u64 as *const _, 8) };
-            assert_eq!(n, 8);
+            let (call, hostile) = hostile_call();
             let t = Instant::now();
             assert!(call.notify());
             assert!(!call.notify(), "collapsed into the write in flight");
@@ -397,7 +406,7 @@ mod tests {
             assert!(t.elapsed() < Duration::from_secs(1));
             assert_eq!(in_flight(), 1);
             // The guest drains its counter: the waiting write lands, then the pending one.
-            assert_eq!(counter(&hostile), max);
+            assert_eq!(counter(&hostile), MAX);
             let t = Instant::now();
             while !call.idle() {
                 maintain();
@@ -416,13 +425,7 @@ mod tests {
     fn a_stuck_write_of_a_dropped_ring_is_cancelled() {
         std::thread::spawn(|| {
             install().unwrap();
-            let f = blocking_eventfd();
-            let hostile = f.try_clone().unwrap();
-            let call = CallFd::new(f);
-            clear_nonblock(&hostile);
-            let max = 0xffff_ffff_ffff_fffeu64;
-            // SAFETY: writes 8 bytes from a local.
-            unsafe { libc::write(hostile.as_raw_fd(), &max as *const u64 as *const _, 8) };
+            let (call, hostile) = hostile_call();
             let weak = Arc::downgrade(&call.0);
             call.notify();
             maintain();
@@ -438,7 +441,7 @@ mod tests {
                 std::thread::yield_now();
             }
             assert!(weak.upgrade().is_none(), "the call fd is closed");
-            assert_eq!(counter(&hostile), max, "the cancelled write never landed");
+            assert_eq!(counter(&hostile), MAX, "the cancelled write never landed");
         })
         .join()
         .unwrap();
