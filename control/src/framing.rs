@@ -68,14 +68,17 @@ pub fn await_message(s: &UnixStream, first: bool) -> Result<Message, FrameError>
     };
     let mut total = HEADER;
     let mut scratch = [0u8; 512];
+    // Not all here yet: look again soon (a sender mid-write is done within microseconds), then
+    // less and less often (one that stopped half way waits out the deadline at 1 ms a look).
+    let mut nap = Duration::from_micros(20);
     while msg.len < total {
         let want = (total - msg.len).min(scratch.len());
         let Some((n, fds, truncated)) = peek(fd, &mut scratch[..want])? else {
             if Instant::now() > deadline {
                 return Err(FrameError::Incomplete(MESSAGE_TIMEOUT, msg.len, total));
             }
-            // Not all here yet: look again shortly.
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(1));
             continue;
         };
         if n == 0 {
