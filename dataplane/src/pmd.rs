@@ -835,6 +835,8 @@ impl Fwd {
         let hdr_len = features.hdr_len as u32;
         let n = ring.avail_pending().min(BURST as u16);
         let mut tally = Tally::default();
+        self.seg_cost = 0;
+        let (mut bytes, mut taken) = (0u32, n);
         for i in 0..n {
             let head = ring.head_at(i);
             let (v, len) = if ring.walk_chain(head, false, &mut self.src).is_err() {
@@ -855,11 +857,23 @@ impl Fwd {
                 tally.count(v, len);
             }
             ring.push_used(head, 0);
+            if self.over_budget(&mut bytes) {
+                taken = i + 1;
+                break;
+            }
         }
-        ring.advance(n);
+        ring.advance(taken);
         ring.flush();
         tally.publish_shared(ring.stats());
-        n as usize
+        taken as usize
+    }
+
+    /// Count the frame just taken (in `self.src`) against its burst's PASS_BUDGET, `bytes`
+    /// so far; true once the budget is spent.
+    #[inline(always)]
+    fn over_budget(&self, bytes: &mut u32) -> bool {
+        *bytes = bytes.saturating_add(self.src.total);
+        bytes.saturating_add(self.seg_cost) >= PASS_BUDGET
     }
 
     /// Pipeline model, on a tx PMD: switch and deliver a batch an rx PMD handed over, count
@@ -947,8 +961,7 @@ impl Fwd {
             };
             tally.count(v, len);
             ring.push_used(head, 0);
-            bytes = bytes.saturating_add(self.src.total);
-            if bytes.saturating_add(self.seg_cost) >= PASS_BUDGET {
+            if self.over_budget(&mut bytes) {
                 taken = i as u16 + 1;
                 break;
             }
