@@ -232,7 +232,6 @@ impl Switch {
     }
 }
 
-/// The lowest port id no port has.
 /// File descriptors kept out of every port's budget: control (its clients, logs), DPDK and
 /// the PMDs' own (epoll, io_uring) need them whatever the frontends do.
 pub const FD_RESERVE: u64 = 256;
@@ -298,6 +297,7 @@ pub fn raise_fd_limit() -> u64 {
     fd_limit()
 }
 
+/// The lowest port id no port has.
 fn free_id(list: &[PortInfo]) -> Option<PortId> {
     (0..dataplane::pmd::MAX_PORTS as u16)
         .map(PortId)
@@ -905,10 +905,8 @@ impl Peeked {
     }
 }
 
-/// Look at the next message without taking it (nor its file descriptors) off the socket;
-/// waits until its header (and a SET_VRING_ENABLE's body) has arrived. None when the peer
-/// closed first.
 impl Peeked {
+    /// What `serve_connection` needs of the message the framing gate saw whole.
     fn from(m: &crate::framing::Message) -> Peeked {
         let b = &m.head;
         let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
