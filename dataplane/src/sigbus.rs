@@ -11,7 +11,7 @@
 //! calls `mmap` (a system call, as async-signal-safe as `write`) and stores two atomics.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 
 /// Mappings that can be watched at once: 256 ports of 8 regions and a log each, and more.
 const SLOTS: usize = 4096;
@@ -40,9 +40,9 @@ const FREE: Slot = Slot {
 
 static TABLE: [Slot; SLOTS] = [FREE; SLOTS];
 static INSTALL: Once = Once::new();
-/// The SIGBUS action before ours, chained to for faults outside our mappings. Written once,
-/// before our handler is installed.
-static mut PREVIOUS: Option<libc::sigaction> = None;
+/// The SIGBUS action before ours, chained to for faults outside our mappings. Set once,
+/// before our handler is installed (a OnceLock's `get` is one atomic load: fine in a handler).
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
 /// A registered mapping; dropping it unregisters it (before the mapping is unmapped: keep the
 /// guard in a field declared before the mapping's owner).
@@ -107,8 +107,7 @@ pub fn faulted_owners() -> Vec<u32> {
 
 fn install() {
     // SAFETY: a zeroed sigaction is a valid value to fill in; `on_sigbus` has the signature
-    // SA_SIGINFO handlers need; PREVIOUS is written here once, before the handler that reads
-    // it can run.
+    // SA_SIGINFO handlers need; PREVIOUS is set before the handler that reads it can run.
     unsafe {
         let mut old: libc::sigaction = std::mem::zeroed();
         let mut act: libc::sigaction = std::mem::zeroed();
@@ -116,7 +115,7 @@ fn install() {
         act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
         libc::sigemptyset(&mut act.sa_mask);
         libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut old);
-        PREVIOUS = Some(old);
+        let _ = PREVIOUS.set(old);
         libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut());
     }
 }
@@ -150,13 +149,11 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         break;
     }
     // Not ours (or not repairable): what was there before.
-    // SAFETY: PREVIOUS was written before this handler was installed. Calling an SA_SIGINFO
-    // handler with our arguments is what the kernel would have done; otherwise the previous
-    // action is restored and the faulting access, repeated on return, meets it.
+    // SAFETY: calling the previous SA_SIGINFO handler with our arguments is what the kernel
+    // would have done; otherwise the previous action is restored and the faulting access,
+    // repeated on return, meets it.
     unsafe {
-        #[allow(static_mut_refs)]
-        let prev = PREVIOUS.as_ref();
-        match prev {
+        match PREVIOUS.get() {
             Some(p)
                 if p.sa_flags & libc::SA_SIGINFO != 0
                     && p.sa_sigaction != libc::SIG_DFL
