@@ -9,11 +9,14 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 
-/// A directory of our own for the run, with its `ports.d`.
+/// A directory of our own for the run, with its `ports.d`: in memory (/dev/shm) where there
+/// is one, as two files are written for every input.
 fn dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("rs-fuzz-config-{}", std::process::id()));
+        let shm = PathBuf::from("/dev/shm");
+        let base = if shm.is_dir() { shm } else { std::env::temp_dir() };
+        let d = base.join(format!("rs-fuzz-config-{}", std::process::id()));
         std::fs::create_dir_all(d.join("ports.d")).expect("fuzz dir");
         d
     })
