@@ -568,6 +568,7 @@ fn start_vhost_port(pc: &PortConfig, id: PortId, dp: &Arc<Dataplane>) -> anyhow:
         connected: info.connected.clone(),
         stop: stop.clone(),
         conn: conn.clone(),
+        busy: AtomicBool::new(false),
     };
     let path = socket.clone();
     let handle = std::thread::Builder::new()
@@ -639,6 +640,9 @@ struct Serve {
     stop: Arc<AtomicBool>,
     /// The current connection, for `PortThread::stop` to shut down.
     conn: Arc<Mutex<Option<UnixStream>>>,
+    /// Server mode: a connection is being served (a second one is refused). Cleared before
+    /// the connection's last fd closes, so a frontend that saw it close may connect again.
+    busy: AtomicBool,
 }
 
 impl Serve {
@@ -652,6 +656,8 @@ impl Serve {
         if !self.stopped() {
             serve_connection(&self.name, s, &self.dev, &self.connected);
         }
+        // Release: pairs with the listener's swap; before the last fd (ours) closes.
+        self.busy.store(false, Ordering::Release);
         *lock(&self.conn) = None;
     }
 
@@ -659,7 +665,6 @@ impl Serve {
     /// one is refused (with a log line) instead of waiting unanswered in the backlog, and a
     /// silent one only holds the port until its first message times out.
     fn listener(self: Arc<Self>, l: UnixListener) {
-        let busy = Arc::new(AtomicBool::new(false));
         let mut current: Option<std::thread::JoinHandle<()>> = None;
         for stream in l.incoming() {
             if self.stopped() {
@@ -667,7 +672,7 @@ impl Serve {
             }
             match stream {
                 // Acquire/Release: pairs with the serving thread's store when it ends.
-                Ok(s) if busy.swap(true, Ordering::AcqRel) => {
+                Ok(s) if self.busy.swap(true, Ordering::AcqRel) => {
                     log::warn!(
                         "port {}: refusing a second frontend while one is connected",
                         self.name
@@ -678,18 +683,15 @@ impl Serve {
                     if let Some(t) = current.take() {
                         let _ = t.join();
                     }
-                    let (me, done) = (self.clone(), busy.clone());
+                    let me = self.clone();
                     let t = std::thread::Builder::new()
                         .name(format!("vhost-{}-conn", self.name))
-                        .spawn(move || {
-                            me.serve(s);
-                            done.store(false, Ordering::Release);
-                        });
+                        .spawn(move || me.serve(s));
                     match t {
                         Ok(t) => current = Some(t),
                         Err(e) => {
                             log::error!("port {}: cannot serve a connection: {e}", self.name);
-                            busy.store(false, Ordering::Release);
+                            self.busy.store(false, Ordering::Release);
                         }
                     }
                 }
