@@ -205,7 +205,8 @@ fn measured_while(sw: &Switch, pause: Duration, mut step: impl FnMut()) -> f64 {
     })
 }
 
-/// Clear O_NONBLOCK on an fd the switch shares with us (it sets it on the call fds it gets).
+/// Clear O_NONBLOCK on an fd the switch shares with us (should anything set it on the call
+/// fds the switch holds: the frontend can always take it back).
 fn clear_nonblock(fd: i32) {
     // SAFETY: fcntl on an fd of ours; nothing else is touched.
     unsafe {
@@ -217,7 +218,7 @@ fn clear_nonblock(fd: i32) {
 /// A frontend on port 2 sending frames whose used chains the switch must announce, while the
 /// loop on ports 0 and 1 is measured: its rate (the best of five seconds), and how many
 /// frames the frontend got through. `hostile`: its call eventfds are blocking, their counters
-/// at the maximum, and it keeps clearing the O_NONBLOCK the switch sets on them.
+/// at the maximum, and it keeps clearing O_NONBLOCK on them.
 fn call_fd_phase(sw: &Switch, hostile: bool) -> (f64, u64) {
     use std::os::fd::AsRawFd;
     let mem = GuestMemory::new(4 << 20).unwrap();

@@ -2,15 +2,16 @@
 //! an io_uring owned by the PMD thread (thread-local), never with a plain `write()`.
 //!
 //! The frontend owns its call fd: it may hand over a blocking eventfd with its counter at the
-//! maximum, or a full pipe, and it shares the open file, so O_NONBLOCK set by us can be cleared
-//! by it. A plain write would then stop the PMD in the kernel, and every port with it. Through
-//! io_uring the write completes inline when the fd takes it at once (the normal case: one
-//! `io_uring_enter` where a `write` was), and otherwise waits in the kernel (poll or io-wq)
-//! while the PMD goes on. Each call fd has at most one write in flight: notifications asked for
+//! maximum, or a full pipe, and it shares the open file, so O_NONBLOCK set by us could be
+//! cleared by it (we leave its flags alone: the file is the frontend's). A plain write would
+//! then stop the PMD in the kernel, and every port with it. Through io_uring the write
+//! completes inline when the fd is non-blocking and takes it at once (QEMU's and DPDK's call
+//! fds are EFD_NONBLOCK: one `io_uring_enter` where a `write` was); a blocking fd's write is
+//! handed to an io-wq worker, which waits there if it must, while the PMD goes on. Each call fd has at most one write in flight: notifications asked for
 //! meanwhile collapse into one more write after it completes, so a hostile fd can only stall
 //! its own port's notifications. A stuck write whose ring is gone is cancelled, which closes
 //! the fd. Writes are submitted together once per PMD loop iteration (`maintain`). Threads
-//! without a notifier (control, tests) write directly, non-blocking where the fd lets them.
+//! without a notifier (tests) write directly.
 //!
 //! Measured on the 2-vCPU rig (an O_NONBLOCK eventfd, one write per submit): a plain write
 //! ~340 ns, through the uring ~760 ns; only guests that ask for interrupts pay it, and a pass
@@ -51,17 +52,8 @@ struct CallState {
 }
 
 impl CallFd {
-    /// Take over the frontend's call fd, asking for O_NONBLOCK so that writes complete inline
-    /// (the frontend may clear it; then they wait in the kernel instead, still not here).
+    /// Take over the frontend's call fd.
     pub fn new(file: File) -> CallFd {
-        let fd = file.as_raw_fd();
-        // SAFETY: fcntl on an fd we own; failure leaves the flags as they were.
-        unsafe {
-            let fl = libc::fcntl(fd, libc::F_GETFL);
-            if fl >= 0 {
-                libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
-            }
-        }
         CallFd(Arc::new(CallState {
             file,
             state: AtomicU8::new(IDLE),
@@ -101,7 +93,8 @@ impl CallFd {
     }
 }
 
-/// One write, for threads without a notifier: non-blocking when the fd has O_NONBLOCK.
+/// One write, for threads without a notifier (tests; control never notifies): it blocks if
+/// the fd does.
 #[cold]
 fn write_direct(c: &CallState) {
     // SAFETY: writes 8 bytes from a u64 that outlives the call; any error is harmless.
@@ -347,13 +340,12 @@ mod tests {
         }
     }
 
-    /// The hostile case: a blocking eventfd at its maximum, taken over as a call fd, then its
-    /// O_NONBLOCK cleared by the frontend. Returns the call fd and the frontend's copy.
+    /// The hostile case: a blocking eventfd at its maximum, taken over as a call fd. Returns
+    /// the call fd and the frontend's copy.
     fn hostile_call() -> (CallFd, File) {
         let f = blocking_eventfd();
         let hostile = f.try_clone().unwrap();
         let call = CallFd::new(f);
-        clear_nonblock(&hostile);
         let max = 0xffff_ffff_ffff_fffeu64;
         // SAFETY: writes 8 bytes from a local.
         let n = unsafe { libc::write(hostile.as_raw_fd(), &max as *const u64 as *const _, 8) };
@@ -363,25 +355,21 @@ mod tests {
 
     const MAX: u64 = 0xffff_ffff_ffff_fffe;
 
-    fn clear_nonblock(f: &File) {
-        // SAFETY: fcntl on an fd we own.
-        unsafe {
-            let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
-            libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
-        }
-    }
-
+    /// QEMU's and DPDK's call fds are non-blocking: the write completes inline.
     #[test]
     fn notifies_through_the_uring() {
         std::thread::spawn(|| {
             install().unwrap();
-            let f = blocking_eventfd();
+            // SAFETY: a fresh fd, owned at once.
+            let f = unsafe {
+                File::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK))
+            };
             let reader = f.try_clone().unwrap();
             let call = CallFd::new(f);
             for _ in 0..3 {
                 assert!(call.notify());
                 maintain();
-                assert!(call.idle(), "an fd that takes the write completes inline");
+                assert!(call.idle(), "a non-blocking fd completes the write inline");
             }
             assert_eq!(counter(&reader), 3);
             assert_eq!(in_flight(), 0);
@@ -390,8 +378,28 @@ mod tests {
         .unwrap();
     }
 
-    /// A blocking eventfd whose counter is at its maximum, O_NONBLOCK cleared after we set it:
-    /// a plain write would block forever. The notify returns at once; later ones collapse into
+    /// A blocking fd that takes the write: it lands (by way of an io-wq worker).
+    #[test]
+    fn a_blocking_eventfd_is_notified_too() {
+        std::thread::spawn(|| {
+            install().unwrap();
+            let f = blocking_eventfd();
+            let reader = f.try_clone().unwrap();
+            let call = CallFd::new(f);
+            assert!(call.notify());
+            let t = Instant::now();
+            while !call.idle() {
+                maintain();
+                assert!(t.elapsed() < Duration::from_secs(5), "write never landed");
+                std::thread::yield_now();
+            }
+            assert_eq!(counter(&reader), 1);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// A blocking eventfd whose counter is at its maximum: a plain write would block forever. The notify returns at once; later ones collapse into
     /// one; once the guest reads the counter the write lands, and the one asked for after it.
     #[test]
     fn a_full_blocking_eventfd_never_blocks_the_caller() {
