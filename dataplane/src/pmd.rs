@@ -857,7 +857,7 @@ impl Fwd {
                 tally.count(v, len);
             }
             ring.push_used(head, 0);
-            if self.over_budget(&mut bytes) {
+            if self.over_budget(&mut bytes, v) {
                 taken = i + 1;
                 break;
             }
@@ -869,10 +869,15 @@ impl Fwd {
     }
 
     /// Count the frame just taken (in `self.src`) against its burst's PASS_BUDGET, `bytes`
-    /// so far; true once the budget is spent.
+    /// so far; true once the budget is spent. A frame refused before it was switched (`v`: a
+    /// bad chain or header) cost little whatever its length, and counts as a small one.
     #[inline(always)]
-    fn over_budget(&self, bytes: &mut u32) -> bool {
-        *bytes = bytes.saturating_add(self.src.total);
+    fn over_budget(&self, bytes: &mut u32, v: Option<Verdict>) -> bool {
+        let refused = matches!(
+            v,
+            Some(Verdict::BadDescriptor | Verdict::Runt | Verdict::TooBig | Verdict::BadOffload)
+        );
+        *bytes = bytes.saturating_add(if refused { 64 } else { self.src.total });
         bytes.saturating_add(self.seg_cost) >= PASS_BUDGET
     }
 
@@ -961,7 +966,7 @@ impl Fwd {
             };
             tally.count(v, len);
             ring.push_used(head, 0);
-            if self.over_budget(&mut bytes) {
+            if self.over_budget(&mut bytes, Some(v)) {
                 taken = i as u16 + 1;
                 break;
             }
