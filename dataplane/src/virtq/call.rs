@@ -269,24 +269,30 @@ impl Notifier {
             return;
         };
         let s = &slot.call.state;
+        // Our write was the one in flight: PENDING → another one, IN_FLIGHT → IDLE. Once IDLE,
+        // the state is no longer ours (another PMD may start a write at once), so it is not
+        // touched again; a cancelled write's ring is gone, and nobody else holds its state.
         let again = !slot.cancelled
             && loop {
-                if s.compare_exchange(PENDING, IN_FLIGHT, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    break true;
-                }
-                if s.compare_exchange(IN_FLIGHT, IDLE, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    break false;
+                match s.compare_exchange(PENDING, IN_FLIGHT, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => break true,
+                    Err(IN_FLIGHT) => {
+                        if s.compare_exchange(IN_FLIGHT, IDLE, Ordering::AcqRel, Ordering::Acquire)
+                            .is_ok()
+                        {
+                            break false;
+                        }
+                    }
+                    Err(_) => break false,
                 }
             };
         if again {
             self.slots[i as usize] = Some(slot);
             self.push_write(i);
         } else {
-            s.store(IDLE, Ordering::Release);
+            if slot.cancelled {
+                s.store(IDLE, Ordering::Release);
+            }
             self.in_use -= 1;
             self.free.push(i);
         }
