@@ -479,11 +479,6 @@ pub fn check_affinity(pc: &PortConfig, pmd_cores: &[usize]) -> Result<(), Config
     }
 }
 
-/// Read and validate one port file.
-pub fn load_port(file: &Path) -> Result<PortConfig, ConfigError> {
-    validate_port(parse(file)?, file.to_owned())
-}
-
 /// Validate one port file that `ringswitch ctl add-port` read and sent (the switch never
 /// opens a path a client names: its errors quote only what that client could read itself).
 pub fn port_from_text(file: &Path, text: &str) -> Result<PortConfig, ConfigError> {

@@ -124,8 +124,8 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     );
     // The main thread watches: for a signal to stop, for rings a guest corrupted (the PMD
     // only flags them; saying so is control's job), and for frontends that shrank the memory
-    // we map. It also closes the PMDs' load windows
-    // and rebalances them when auto-rebalance is on.
+    // we map. It also closes the PMDs' load windows and rebalances them when auto-rebalance
+    // is on.
     let mut reported = std::collections::HashSet::new();
     loop {
         if let Some(sig) = signals.pending().next() {

@@ -50,7 +50,7 @@ pub struct Guard(Option<usize>);
 
 impl Guard {
     /// Watch `[ptr, ptr + len)`, a mapping of a file a frontend (`owner`) can shrink. With every
-    /// slot taken the mapping is not watched (the guard says so with `watched`).
+    /// slot taken the mapping is not watched.
     pub fn register(ptr: *const u8, len: usize, owner: u32) -> Guard {
         INSTALL.call_once(install);
         if len == 0 {
@@ -69,10 +69,6 @@ impl Guard {
             s.start.store(ptr as usize, Ordering::Release);
         }
         Guard(slot)
-    }
-
-    pub fn watched(&self) -> bool {
-        self.0.is_some()
     }
 
     /// The frontend shrank the file: the mapping is anonymous zero memory now.

@@ -7,9 +7,9 @@
 //! then stop the PMD in the kernel, and every port with it. Through io_uring the write
 //! completes inline when the fd is non-blocking and takes it at once (QEMU's and DPDK's call
 //! fds are EFD_NONBLOCK: one `io_uring_enter` where a `write` was); a blocking fd's write is
-//! handed to an io-wq worker, which waits there if it must, while the PMD goes on. Each call fd has at most one write in flight: notifications asked for
-//! meanwhile collapse into one more write after it completes, so a hostile fd can only stall
-//! its own port's notifications. A stuck write whose ring is gone is cancelled, which closes
+//! handed to an io-wq worker, which waits there if it must, while the PMD goes on. Each call
+//! fd has at most one write in flight: notifications asked for meanwhile collapse into one
+//! more write after it completes, so a hostile fd can only stall its own port's notifications. A stuck write whose ring is gone is cancelled, which closes
 //! the fd. Writes are submitted together once per PMD loop iteration (`maintain`). Threads
 //! without a notifier (tests) write directly.
 //!
@@ -125,8 +125,6 @@ struct Notifier {
     unsubmitted: u32,
     /// `maintain` calls until the next look for orphaned writes (while any is in flight).
     sweep_in: u32,
-    /// Notifications that could not be sent: every slot held a stuck write.
-    overflow: u64,
 }
 
 /// How often (in `maintain` calls, one per PMD loop iteration) stuck writes are looked at.
@@ -151,7 +149,6 @@ pub fn install() -> io::Result<()> {
         in_use: 0,
         unsubmitted: 0,
         sweep_in: SWEEP_EVERY,
-        overflow: 0,
     };
     NOTIFIER.with(|cell| *cell.borrow_mut() = Some(n));
     Ok(())
@@ -172,7 +169,7 @@ pub fn maintain() {
     });
 }
 
-/// Writes of this thread still in flight (tests, and a PMD's counters).
+/// Writes of this thread still in flight (tests).
 pub fn in_flight() -> u32 {
     NOTIFIER.with(|n| n.borrow().as_ref().map_or(0, |n| n.in_use))
 }
@@ -185,7 +182,7 @@ impl Notifier {
             self.reap();
         }
         let Some(i) = self.free.pop() else {
-            self.overflow += 1;
+            // Every slot holds a live stuck write: this notification is not sent.
             call.state.store(IDLE, Ordering::Release);
             return;
         };
