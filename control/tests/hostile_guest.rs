@@ -205,6 +205,15 @@ fn measured_while(sw: &Switch, pause: Duration, mut step: impl FnMut()) -> f64 {
     })
 }
 
+/// A 64-byte frame (behind a virtio-net header) from and to the sender's own MAC: learned,
+/// then dropped as having no other destination, so the loop's ports see nothing of it.
+fn own_mac_frame() -> Vec<u8> {
+    let mut frame = vec![0u8; 12];
+    frame.extend([2, 0, 0, 0, 0, 0x66, 2, 0, 0, 0, 0, 0x66, 0x88, 0xb5]);
+    frame.resize(12 + 64, 0xab);
+    frame
+}
+
 /// Clear O_NONBLOCK on an fd the switch shares with us (should anything set it on the call
 /// fds the switch holds: the frontend can always take it back).
 fn clear_nonblock(fd: i32) {
@@ -224,11 +233,7 @@ fn call_fd_phase(sw: &Switch, hostile: bool) -> (f64, u64) {
     let mem = GuestMemory::new(4 << 20).unwrap();
     let (rx, next) = DriverRing::at(0x1000, 16);
     let (mut tx, _) = DriverRing::at(next, 16);
-    // From and to its own MAC: learned, then dropped as having no other destination, so the
-    // loop's ports see nothing of it.
-    let mut frame = vec![0u8; 12];
-    frame.extend([2, 0, 0, 0, 0, 0x66, 2, 0, 0, 0, 0, 0x66, 0x88, 0xb5]);
-    frame.resize(12 + 64, 0xab);
+    let frame = own_mac_frame();
     mem.write(0x20_0000, &frame);
     tx.set_desc(&mem, 0, 0x20_0000, frame.len() as u32, 0, 0);
     let dev = Device::connect(&sw.sock(2), &mem, &[&rx, &tx]).unwrap();
@@ -659,9 +664,7 @@ fn costly_frames_phase(sw: &Switch, hostile: bool) -> (f64, u64) {
             tx.set_desc(&mem, i, frame_at, len, flags, next);
         }
     } else {
-        let mut f = vec![0u8; 12];
-        f.extend([2, 0, 0, 0, 0, 0x66, 2, 0, 0, 0, 0, 0x66, 0x88, 0xb5]);
-        f.resize(12 + 64, 0xab);
+        let f = own_mac_frame();
         mem.write(frame_at, &f);
         tx.set_desc(&mem, 0, frame_at, f.len() as u32, 0, 0);
         tx.set_desc(&mem, 1, frame_at, f.len() as u32, 0, 0);

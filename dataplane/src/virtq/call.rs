@@ -343,26 +343,35 @@ mod tests {
         }
     }
 
+    /// Run `f` on a thread of its own with a notifier, as on a PMD.
+    fn on_pmd_thread(f: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(|| {
+            install().unwrap();
+            f()
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// An eventfd's largest count: one more and a write blocks.
+    const MAX: u64 = 0xffff_ffff_ffff_fffe;
+
     /// The hostile case: a blocking eventfd at its maximum, taken over as a call fd. Returns
     /// the call fd and the frontend's copy.
     fn hostile_call() -> (CallFd, File) {
         let f = blocking_eventfd();
         let hostile = f.try_clone().unwrap();
         let call = CallFd::new(f);
-        let max = 0xffff_ffff_ffff_fffeu64;
-        // SAFETY: writes 8 bytes from a local.
-        let n = unsafe { libc::write(hostile.as_raw_fd(), &max as *const u64 as *const _, 8) };
+        // SAFETY: writes 8 bytes from a constant.
+        let n = unsafe { libc::write(hostile.as_raw_fd(), &MAX as *const u64 as *const _, 8) };
         assert_eq!(n, 8);
         (call, hostile)
     }
 
-    const MAX: u64 = 0xffff_ffff_ffff_fffe;
-
     /// QEMU's and DPDK's call fds are non-blocking: the write completes inline.
     #[test]
     fn notifies_through_the_uring() {
-        std::thread::spawn(|| {
-            install().unwrap();
+        on_pmd_thread(|| {
             // SAFETY: a fresh fd, owned at once.
             let f = unsafe {
                 File::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK))
@@ -376,16 +385,13 @@ mod tests {
             }
             assert_eq!(counter(&reader), 3);
             assert_eq!(in_flight(), 0);
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     /// A blocking fd that takes the write: it lands (by way of an io-wq worker).
     #[test]
     fn a_blocking_eventfd_is_notified_too() {
-        std::thread::spawn(|| {
-            install().unwrap();
+        on_pmd_thread(|| {
             let f = blocking_eventfd();
             let reader = f.try_clone().unwrap();
             let call = CallFd::new(f);
@@ -397,17 +403,14 @@ mod tests {
                 std::thread::yield_now();
             }
             assert_eq!(counter(&reader), 1);
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     /// A blocking eventfd whose counter is at its maximum: a plain write would block forever. The notify returns at once; later ones collapse into
     /// one; once the guest reads the counter the write lands, and the one asked for after it.
     #[test]
     fn a_full_blocking_eventfd_never_blocks_the_caller() {
-        std::thread::spawn(|| {
-            install().unwrap();
+        on_pmd_thread(|| {
             let (call, hostile) = hostile_call();
             let t = Instant::now();
             assert!(call.notify());
@@ -426,16 +429,13 @@ mod tests {
             }
             assert_eq!(counter(&hostile), 2);
             assert_eq!(in_flight(), 0);
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     /// A write stuck on a fd whose ring was dropped is cancelled: nothing stays open.
     #[test]
     fn a_stuck_write_of_a_dropped_ring_is_cancelled() {
-        std::thread::spawn(|| {
-            install().unwrap();
+        on_pmd_thread(|| {
             let (call, hostile) = hostile_call();
             let weak = Arc::downgrade(&call.0);
             call.notify();
@@ -453,9 +453,7 @@ mod tests {
             }
             assert!(weak.upgrade().is_none(), "the call fd is closed");
             assert_eq!(counter(&hostile), MAX, "the cancelled write never landed");
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     #[test]
