@@ -315,9 +315,13 @@ fn shrink_memory_phase(sw: &Switch, file: std::fs::File) {
     mem.file().set_len(0).unwrap();
     // From here on the memory is not ours to touch either.
     sw.wait_connected(2, false);
-    // A cost would last; this rig's slow spells pass: a low figure is measured once more.
+    // A cost would last; this rig's slow spells pass (for seconds at a time): a low figure is
+    // measured again, up to twice more.
     let mut after = best_rate(sw, 3);
-    if after < 0.9 * before {
+    for _ in 0..2 {
+        if after >= 0.9 * before {
+            break;
+        }
         after = after.max(best_rate(sw, 3));
     }
     assert!(
