@@ -189,9 +189,48 @@ fn best_rate(sw: &Switch, n: usize) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// The loop's rate under the attack (`hostile`) against its rate under the same frontend
+/// behaving (`polite`), each phase returning that rate and the frames it sent. Measured in
+/// pairs, up to four while the attack's falls short of 90 %: a cost of the attack shows in every
+/// pair, while this rig's slow spells (seconds at a time) hit one phase and pass. Returns the
+/// best pair's rates and the frames sent by all polite and all hostile phases.
+struct Compared {
+    polite: f64,
+    hostile: f64,
+    polite_sent: u64,
+    hostile_sent: u64,
+}
+
+fn compared(
+    mut polite: impl FnMut() -> (f64, u64),
+    mut hostile: impl FnMut() -> (f64, u64),
+) -> Compared {
+    let mut c = Compared {
+        polite: 1.0,
+        hostile: 0.0,
+        polite_sent: 0,
+        hostile_sent: 0,
+    };
+    for _ in 0..4 {
+        let (p, p_sent) = polite();
+        let (h, h_sent) = hostile();
+        c.polite_sent += p_sent;
+        c.hostile_sent += h_sent;
+        if h / p > c.hostile / c.polite {
+            (c.polite, c.hostile) = (p, h);
+        }
+        if c.hostile >= 0.9 * c.polite {
+            break;
+        }
+    }
+    c
+}
+
 /// Run `step` over and over (every `pause`) while the loop's best rate over five seconds is
 /// measured, on another thread (a frontend's memory is its own thread's); returns that rate.
 fn measured_while(sw: &Switch, pause: Duration, mut step: impl FnMut()) -> f64 {
+    // The frontend is a traffic source: it shares CPU 0 with the peers, never the PMD's CPU.
+    run_on_cpu0();
     std::thread::scope(|s| {
         let measure = s.spawn(|| {
             std::thread::sleep(Duration::from_millis(500));
@@ -273,16 +312,17 @@ fn hostile_call_fd_cannot_freeze_the_pmd() {
     let mut good = Testpmd::io_loop(&sw, "loop", 4);
     std::thread::sleep(Duration::from_secs(1));
     let (fds_before, maps_before) = (sw.fd_count(), sw.map_count());
-    let (polite, polite_sent) = call_fd_phase(&sw, false);
-    let (hostile, hostile_sent) = call_fd_phase(&sw, true);
+    let c = compared(|| call_fd_phase(&sw, false), || call_fd_phase(&sw, true));
     assert!(
-        hostile >= 0.9 * polite,
-        "the loop fell from {polite:.0} to {hostile:.0} frames/s while the call fds were full"
+        c.hostile >= 0.9 * c.polite,
+        "the loop fell from {:.0} to {:.0} frames/s while the call fds were full",
+        c.polite,
+        c.hostile
     );
     let h = sw.port(&sw.stats(), 2);
     assert_eq!(
         n(&h["from_port"]["packets"]),
-        polite_sent + hostile_sent,
+        c.polite_sent + c.hostile_sent,
         "{h}"
     );
     wait_until("fds released", || sw.fd_count() <= fds_before);
@@ -315,13 +355,11 @@ fn shrink_memory_phase(sw: &Switch, file: std::fs::File) {
     mem.file().set_len(0).unwrap();
     // From here on the memory is not ours to touch either.
     sw.wait_connected(2, false);
-    // A cost would last; this rig's slow spells pass (for seconds at a time): a low figure is
-    // measured again, up to twice more.
+    // No polite twin here (the state after is the state before): a cost would last, a slow
+    // spell passes, so a low figure is measured again for up to 20 s.
+    let t = Instant::now();
     let mut after = best_rate(sw, 3);
-    for _ in 0..2 {
-        if after >= 0.9 * before {
-            break;
-        }
+    while after < 0.9 * before && t.elapsed() < Duration::from_secs(20) {
         after = after.max(best_rate(sw, 3));
     }
     assert!(
@@ -702,19 +740,20 @@ fn hostile_costly_frames_cannot_starve_other_ports() {
     let sw = Switch::start("hostile-costly", 3);
     let mut good = Testpmd::io_loop(&sw, "loop", 4);
     std::thread::sleep(Duration::from_secs(1));
-    let (polite, polite_sent) = costly_frames_phase(&sw, false);
-    let before = sw.port(&sw.stats(), 2)["from_port"].clone();
-    let (hostile, hostile_sent) = costly_frames_phase(&sw, true);
+    let c = compared(
+        || costly_frames_phase(&sw, false),
+        || costly_frames_phase(&sw, true),
+    );
     assert!(
-        hostile >= 0.9 * polite,
-        "the loop fell from {polite:.0} to {hostile:.0} frames/s"
+        c.hostile >= 0.9 * c.polite,
+        "the loop fell from {:.0} to {:.0} frames/s",
+        c.polite,
+        c.hostile
     );
     let h = sw.port(&sw.stats(), 2)["from_port"].clone();
-    let d = |k: &str| n(&h[k]) - n(&before[k]);
-    assert_eq!(n(&before["packets"]), polite_sent, "{before}");
-    assert_eq!(d("packets"), hostile_sent, "{h}");
-    assert_eq!(d("drop_bad_offload"), hostile_sent / 2, "{h}");
-    assert_eq!(d("drop_bad_descriptor"), hostile_sent / 2, "{h}");
+    assert_eq!(n(&h["packets"]), c.polite_sent + c.hostile_sent, "{h}");
+    assert_eq!(n(&h["drop_bad_offload"]), c.hostile_sent / 2, "{h}");
+    assert_eq!(n(&h["drop_bad_descriptor"]), c.hostile_sent / 2, "{h}");
     good.stop();
     sw.check_accounting();
 }
