@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dataplane::pmd::Model;
-use dataplane::sched::{Assign, AutoLb};
+use dataplane::Model;
+use dataplane::{Assign, AutoLb};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -436,11 +436,11 @@ fn validate(
         set.insert(&pc)?;
         out.push(pc);
     }
-    if out.len() > dataplane::pmd::MAX_PORTS {
+    if out.len() > dataplane::MAX_PORTS {
         return Err(invalid(
             main_file,
             "port",
-            format!("more than {} ports", dataplane::pmd::MAX_PORTS),
+            format!("more than {} ports", dataplane::MAX_PORTS),
         ));
     }
     Ok(Config {

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use dataplane::sched::{Assign, Move};
-use dataplane::stats::QueueCounters;
+use dataplane::QueueCounters;
+use dataplane::{Assign, Move};
 use serde_json::{json, Value};
 
 use crate::config::SocketPerm;

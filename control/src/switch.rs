@@ -13,14 +13,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use dataplane::devport::{EthPort, TapPort};
 use dataplane::dpdk::{self, EthConfig, EthDev, Mempool};
-use dataplane::pmd::Source;
-use dataplane::port::{Port, VhostPort};
-use dataplane::sched::Dataplane;
-use dataplane::stats::QueueStats;
-use dataplane::tap::Tap;
+use dataplane::Dataplane;
 use dataplane::PortId;
+use dataplane::QueueStats;
+use dataplane::Source;
+use dataplane::Tap;
+use dataplane::{EthPort, TapPort};
+use dataplane::{Port, VhostPort};
 use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag, VhostUserVirtioFeatures};
 use vhost::vhost_user::{BackendReqHandler, VhostUserBackendReqHandlerMut};
 
@@ -124,7 +124,7 @@ impl Switch {
         check_fd_budget(&ports.list, &pc).with_context(context)?;
         ports.set.insert(&pc)?;
         let id = free_id(&ports.list)
-            .with_context(|| format!("more than {} ports", dataplane::pmd::MAX_PORTS))
+            .with_context(|| format!("more than {} ports", dataplane::MAX_PORTS))
             .with_context(context);
         let started = id.and_then(|id| {
             let dp = &self.dp;
@@ -169,7 +169,7 @@ impl Switch {
     /// dirty log, turned into zero memory by `dataplane::sigbus`); its rings, memory and fds
     /// go with it, as on any disconnect, and it may connect again.
     pub fn close_faulted_connections(&self) {
-        let faulted = dataplane::sigbus::faulted_owners();
+        let faulted = dataplane::faulted_owners();
         if faulted.is_empty() {
             return;
         }
@@ -299,7 +299,7 @@ pub fn raise_fd_limit() -> u64 {
 
 /// The lowest port id no port has.
 fn free_id(list: &[PortInfo]) -> Option<PortId> {
-    (0..dataplane::pmd::MAX_PORTS as u16)
+    (0..dataplane::MAX_PORTS as u16)
         .map(PortId)
         .find(|id| list.iter().all(|p| p.id != *id))
 }

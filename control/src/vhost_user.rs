@@ -6,13 +6,13 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use dataplane::guest_mem::{DirtyLog, MemTable, RegionDesc};
-use dataplane::offload::OffloadCaps;
-use dataplane::port::NetFeatures;
-use dataplane::sched::Dataplane;
-use dataplane::stats::QueueStats;
-use dataplane::virtq::split::RingAddrs;
-use dataplane::virtq::{PackedRing, SplitRing, Virtq};
+use dataplane::Dataplane;
+use dataplane::NetFeatures;
+use dataplane::OffloadCaps;
+use dataplane::QueueStats;
+use dataplane::RingAddrs;
+use dataplane::{DirtyLog, MemTable, RegionDesc};
+use dataplane::{PackedRing, SplitRing, Virtq};
 use dataplane::{PortId, QueueIdx};
 use vhost::vhost_user::message::*;
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
@@ -566,7 +566,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserDevice {
 #[cfg(test)]
 pub(crate) fn test_device(name: &str) -> VhostUserDevice {
     let dp = Dataplane::start(&[0], Default::default(), Default::default(), None).unwrap();
-    dp.add_port(dataplane::port::VhostPort::port(PortId(0), 1), &[])
+    dp.add_port(dataplane::VhostPort::port(PortId(0), 1), &[])
         .unwrap();
     let stats = (0..2).map(|_| Arc::new(QueueStats::default())).collect();
     VhostUserDevice::new(name.into(), PortId(0), Arc::new(dp), stats)

@@ -7,22 +7,56 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-pub mod devport;
-pub mod dpdk;
-pub mod guest_mem;
-pub mod l2;
-pub mod offload;
-pub mod pipeline;
-pub mod pmd;
-pub mod port;
-pub mod sched;
-pub mod sigbus;
-pub mod stats;
-pub mod tap;
-pub mod tsc;
-pub mod txlock;
-pub mod virtq;
-pub mod waiter;
+mod cpu;
+mod dev;
+mod mem;
+mod net;
+mod pmd;
+mod port;
+mod sched;
+mod stats;
+mod virtq;
+
+// The facade: what control (and the perf tools) build the switch from. Everything else is
+// the dataplane's own.
+pub use cpu::tsc;
+pub use cpu::{prefetch, prefetch_w};
+pub use dev::tap::Tap;
+pub use mem::sigbus::faulted_owners;
+pub use mem::table::{DirtyLog, MemError, MemTable, RegionDesc};
+pub use net::features::NetFeatures;
+pub use net::offload::OffloadCaps;
+pub use pmd::{Model, PmdError, Source};
+pub use port::{dpdk::EthPort, tap::TapPort, Port, VhostPort};
+pub use sched::{Assign, AutoLb, Dataplane, Move, PinError, PmdInfo, RxqInfo};
+pub use stats::{PmdCounters, QueueCounters, QueueStats};
+pub use virtq::{split::RingAddrs, PackedRing, RingError, SplitRing, Virtq};
+
+/// DPDK as control opens it: the EAL, mbuf pools, Ethernet devices and their link state.
+pub mod dpdk {
+    pub use crate::dev::dpdk::{
+        device_name, eal_init, hw_drops, link, DpdkError, EthConfig, EthDev, Link, Mempool,
+    };
+}
+
+/// The pieces the fuzz targets drive directly, below the switch: ring walks, delivery into a
+/// guest's RX queue, the offload parser and software finishing. Not for control.
+pub mod harness {
+    pub use crate::mem::copy::gather;
+    pub use crate::mem::seg::{Seg, SegList};
+    pub use crate::net::offload::{
+        finish, Frame, SoftScratch, VnetHdr, MIN_GSO_SIZE, VNET_HDR_LEN,
+    };
+    pub use crate::port::lock::pmd_holder;
+    pub use crate::port::{Delivery, RxScratch, VhostRxq};
+    pub use crate::virtq::call::{install as install_notifier, maintain as maintain_notifier};
+    #[cfg(fuzzing)]
+    pub use crate::virtq::DESC_READS;
+    pub use crate::virtq::{VirtQueue, MAX_CHAIN_DESCS};
+}
+
+/// Ports the switch can hold; ids are dense indices below this.
+pub const MAX_PORTS: usize = 256;
 
 /// Frames per burst, as DPDK and OVS use.
 pub const BURST: usize = 32;
@@ -52,47 +86,3 @@ impl QueueIdx {
 /// A CPU to pin a PMD to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CoreId(pub usize);
-
-/// A cache prefetch hint (read); never faults, whatever the address.
-#[inline(always)]
-pub fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: PREFETCHT0 (x86_64 baseline) is a hint that performs no access visible to the
-    // program and cannot fault on any address.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
-/// Done with the line at `p` for now (CLDEMOTE): move it from this core's caches to the shared
-/// last level, where the core that touches it next finds it without snooping this one.
-#[inline(always)]
-pub fn demote(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a hint that changes no architectural state; its encoding is a NOP on CPUs
-    // without CLDEMOTE. Callers pass lines of mapped buffers they have just read.
-    unsafe {
-        std::arch::asm!("cldemote [{0}]", in(reg) p, options(nostack, preserves_flags, readonly));
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
-/// A prefetch with intent to write (PREFETCHW): takes the line exclusive before the store needs
-/// it, instead of loading it shared and upgrading it at the store. Measured with the stores of
-/// guest RX buffers: v2v 1518 B from 385 to 290 cycles per frame, 64 B from 174 to 153.
-#[inline(always)]
-pub fn prefetch_w(p: *const u8) {
-    // `_mm_prefetch::<_MM_HINT_ET0>` compiles to a plain PREFETCHT0 unless the build enables
-    // the `prfchw` target feature, so the instruction is written out.
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a hint that performs no access visible to the program and cannot fault on any
-    // address; CPUs without PREFETCHW execute it as a NOP.
-    unsafe {
-        std::arch::asm!("prefetchw [{0}]", in(reg) p, options(nostack, preserves_flags, readonly));
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}

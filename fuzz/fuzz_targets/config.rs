@@ -15,7 +15,11 @@ fn dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let shm = PathBuf::from("/dev/shm");
-        let base = if shm.is_dir() { shm } else { std::env::temp_dir() };
+        let base = if shm.is_dir() {
+            shm
+        } else {
+            std::env::temp_dir()
+        };
         let d = base.join(format!("rs-fuzz-config-{}", std::process::id()));
         std::fs::create_dir_all(d.join("ports.d")).expect("fuzz dir");
         d

@@ -6,8 +6,9 @@
 //! headers and one segment; a checksum finished without segmentation verifies.
 #![no_main]
 
-use dataplane::offload::{finish, Frame, SoftScratch, VnetHdr, MIN_GSO_SIZE, VNET_HDR_LEN};
-use dataplane::virtq::{Seg, SegList};
+use dataplane::harness::{
+    finish, gather, Frame, Seg, SegList, SoftScratch, VnetHdr, MIN_GSO_SIZE, VNET_HDR_LEN,
+};
 use dataplane::MAX_FRAME;
 use libfuzzer_sys::fuzz_target;
 
@@ -79,7 +80,7 @@ fuzz_target!(|data: &[u8]| {
             );
         } else {
             let mut b = vec![0u8; g.len as usize];
-            dataplane::virtq::copy::gather(g.segs, g.skip, &mut b);
+            gather(g.segs, g.skip, &mut b);
             out = b;
         }
         true

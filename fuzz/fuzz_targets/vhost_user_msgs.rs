@@ -15,10 +15,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use control::vhost_user::VhostUserDevice;
-use dataplane::port::VhostPort;
-use dataplane::sched::Dataplane;
-use dataplane::stats::QueueStats;
-use dataplane::PortId;
+use dataplane::{Dataplane, PortId, QueueStats, VhostPort};
 use libfuzzer_sys::fuzz_target;
 
 const QUEUE_PAIRS: usize = 2;

@@ -15,18 +15,14 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use dataplane::guest_mem::{MemTable, RegionDesc};
-use dataplane::offload::MIN_GSO_SIZE;
-use dataplane::offload::{Frame, OffloadCaps, VnetHdr, VNET_HDR_LEN};
-use dataplane::port::{Delivery, NetFeatures, Port, RxScratch, VhostPort, VhostRxq};
-use dataplane::stats::QueueStats;
-use dataplane::txlock::pmd_holder;
-use dataplane::virtq::copy::gather;
-use dataplane::virtq::split::RingAddrs;
-use dataplane::virtq::{
-    PackedRing, SegList, SplitRing, VirtQueue, Virtq, DESC_READS, MAX_CHAIN_DESCS,
+use dataplane::harness::{
+    gather, install_notifier, maintain_notifier, pmd_holder, Delivery, Frame, RxScratch, SegList,
+    VhostRxq, VirtQueue, VnetHdr, DESC_READS, MAX_CHAIN_DESCS, MIN_GSO_SIZE, VNET_HDR_LEN,
 };
-use dataplane::{PortId, BURST, MAX_FRAME};
+use dataplane::{
+    MemTable, NetFeatures, OffloadCaps, PackedRing, Port, PortId, QueueStats, RegionDesc,
+    RingAddrs, SplitRing, VhostPort, Virtq, BURST, MAX_FRAME,
+};
 use libfuzzer_sys::fuzz_target;
 
 // One file, two regions: A (gpa 0x10000, 64 KiB) and B right after it (gpa 0x20000, 8 KiB, at
@@ -59,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
     }
     // The notifications go through this thread's io_uring, as on a PMD.
     static NOTIFIER: std::sync::Once = std::sync::Once::new();
-    NOTIFIER.call_once(|| dataplane::virtq::call::install().expect("io_uring"));
+    NOTIFIER.call_once(|| install_notifier().expect("io_uring"));
     let (cfg, image) = data.split_at(4);
     let qsize = |b: u8| 1u32 << (b % 5); // 1..=16
                                          // Bits 3..=7 of cfg[2]: TX headers read, then what the RX side takes (CSUM, TSO4, TSO6, ECN).
@@ -218,7 +214,7 @@ fuzz_target!(|data: &[u8]| {
             // into it is alive between bursts.
             unsafe { port.flush_and_release(q as usize) };
         }
-        dataplane::virtq::call::maintain();
+        maintain_notifier();
     }
     // Every frame offered to the RX ring was delivered or counted as a drop.
     let s = &*rx_stats;
@@ -261,5 +257,5 @@ fn tx_burst<R: VirtQueue>(tx: &mut R, hdr: u32, src: &mut SegList, frame: impl F
     }
     tx.advance(n);
     tx.flush();
-    dataplane::virtq::call::maintain();
+    maintain_notifier();
 }

@@ -170,6 +170,7 @@ pub fn maintain() {
 }
 
 /// Writes of this thread still in flight (tests).
+#[cfg(test)]
 pub fn in_flight() -> u32 {
     NOTIFIER.with(|n| n.borrow().as_ref().map_or(0, |n| n.in_use))
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::guest_mem::{test_mem, MemTable};
+use crate::mem::table::{test_mem, MemTable};
 use crate::stats::QueueStats;
 
 pub const UVA_OFFSET: u64 = 0x1000_0000;

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use super::split::{RingAddrs, RingError};
 use super::*;
-use crate::guest_mem::{DirtyLog, MemTable};
-use crate::prefetch;
+use crate::cpu::prefetch;
+use crate::mem::table::{DirtyLog, MemTable};
 use crate::stats::QueueStats;
 
 const F_AVAIL: u16 = 1 << 7;

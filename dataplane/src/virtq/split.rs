@@ -8,8 +8,8 @@ use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::sync::Arc;
 
 use super::*;
-use crate::guest_mem::{DirtyLog, MemTable};
-use crate::prefetch;
+use crate::cpu::prefetch;
+use crate::mem::table::{DirtyLog, MemTable};
 use crate::stats::QueueStats;
 
 /// Used entries collected before they are written into the guest's ring (a burst's worth).
@@ -544,7 +544,7 @@ mod tests {
         let mut l = SegList::default();
         ring.walk_chain(head, writable, &mut l)?;
         let mut out = vec![0u8; l.total as usize];
-        super::super::copy::gather(&l, 0, &mut out);
+        crate::mem::copy::gather(&l, 0, &mut out);
         let _ = g;
         Ok(out)
     }

@@ -72,7 +72,7 @@ struct Region {
 pub struct MemTable {
     regions: Vec<Region>,
     /// SIGBUS watches on the mappings (a frontend may shrink its files): dropped before them.
-    guards: Vec<crate::sigbus::Guard>,
+    guards: Vec<crate::mem::sigbus::Guard>,
     /// Owns the mappings: dropping it unmaps. Never read after construction.
     _maps: Vec<MmapRegion>,
 }
@@ -135,7 +135,7 @@ impl MemTable {
                 .with_mmap_flags(libc::MAP_SHARED)
                 .build()
                 .map_err(|source| MemError::Mmap { index, len, source })?;
-            guards.push(crate::sigbus::Guard::register(
+            guards.push(crate::mem::sigbus::Guard::register(
                 map.as_ptr(),
                 map.size(),
                 owner,
@@ -219,7 +219,7 @@ pub struct DirtyLog {
     bytes: *const AtomicU8,
     len: u64,
     /// Dropped before the mapping (see MemTable::guards).
-    guard: crate::sigbus::Guard,
+    guard: crate::mem::sigbus::Guard,
     _map: MmapRegion,
 }
 
@@ -262,7 +262,7 @@ impl DirtyLog {
         Ok(Arc::new(DirtyLog {
             bytes: map.as_ptr().wrapping_add(offset as usize) as *const AtomicU8,
             len: size,
-            guard: crate::sigbus::Guard::register(map.as_ptr(), map.size(), owner),
+            guard: crate::mem::sigbus::Guard::register(map.as_ptr(), map.size(), owner),
             _map: map,
         }))
     }

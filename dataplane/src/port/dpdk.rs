@@ -1,18 +1,15 @@
-//! Ports backed by a device rather than a guest: a DPDK Ethernet port (`EthPort`) and a kernel
-//! tap (`TapPort`), as the PMDs share them. Control builds them around an opened device; every
-//! PMD delivers into them, one PMD polls each of their RX queues. Delivery: one copy into an
-//! mbuf sent at the end of the burst (DPDK), or a `writev` straight from the source buffers
-//! (tap).
+//! A DPDK Ethernet port as the PMDs share it (`EthPort`): control builds it around an opened
+//! device; every PMD delivers into it (one copy into an mbuf, sent at the end of the burst,
+//! through the TX queue of its own number), one PMD polls each RX queue.
 
 use std::sync::Arc;
 
-use crate::dpdk::{EthDev, MbufBurst};
-use crate::offload::Frame;
-use crate::port::{deliver_finished, Delivery, RxScratch};
+use crate::dev::dpdk::{EthDev, MbufBurst};
+use crate::mem::copy::{gather, PendingCopies};
+use crate::net::offload::Frame;
+use crate::port::delivery::{deliver_finished, Delivery, RxScratch};
+use crate::port::lock::TxLock;
 use crate::stats::QueueStats;
-use crate::tap::{self, Tap, TapIo};
-use crate::txlock::TxLock;
-use crate::virtq::copy::{gather, PendingCopies};
 use crate::PortId;
 
 /// The largest frame whose lines `EthTxq::push` demotes: a small frame, as for deferred copies.
@@ -143,37 +140,5 @@ impl EthTxq {
         s.add(&s.packets, sent as u64);
         s.add(&s.bytes, bytes);
         s.add(&s.drop_tx_full, (queued - sent) as u64);
-    }
-}
-
-pub struct TapPort {
-    pub id: PortId,
-    /// Every queue is read (the kernel spreads its frames over them) and written (a frame goes
-    /// to the queue numbered as the one it came from). The kernel serialises writers, so no
-    /// lock: several PMDs may write one queue.
-    pub queues: Box<[Tap]>,
-    /// Per queue; written by any PMD, hence `add_shared`.
-    pub to_port: Box<[Arc<QueueStats>]>,
-    pub from_port: Box<[Arc<QueueStats>]>,
-}
-
-impl TapPort {
-    #[inline]
-    pub(crate) fn deliver(&self, f: &Frame) -> Delivery {
-        let q = f.queue_among(self.queues.len());
-        let (Some(tap), Some(s)) = (self.queues.get(q), self.to_port.get(q)) else {
-            return Delivery::NoQueue;
-        };
-        // A tap takes any virtio-net header written to it (the kernel segments if need be).
-        match tap::write_frame(tap.fd(), f) {
-            TapIo::Done(n) => {
-                s.add_shared(&s.packets, 1);
-                s.add_shared(&s.bytes, n as u64);
-                return Delivery::Delivered;
-            }
-            TapIo::WouldBlock => s.add_shared(&s.drop_tx_full, 1),
-            TapIo::Error => s.add_shared(&s.drop_tx_error, 1),
-        }
-        Delivery::Refused
     }
 }

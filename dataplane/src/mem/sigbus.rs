@@ -172,8 +172,8 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::guest_mem::test_mem::memfd;
-    use crate::guest_mem::{DirtyLog, MemTable, RegionDesc};
+    use crate::mem::table::test_mem::memfd;
+    use crate::mem::table::{DirtyLog, MemTable, RegionDesc};
 
     #[test]
     fn a_shrunk_memory_file_faults_its_mapping_not_the_process() {

@@ -2,7 +2,8 @@
 //! path. Runs on a PMD. Sources and destinations may overlap (one frontend may own both ports and
 //! point them at the same memory), so copies are memmove, never copy_nonoverlapping.
 
-use super::{prefetch_lines, Seg, SegList};
+use super::seg::{Seg, SegList};
+use crate::cpu::prefetch_lines;
 
 /// memmove, with sizes up to 64 bytes done inline (headers, 64-byte frames): a call into libc's
 /// memmove per header and per small frame cost more than the copy. Every load comes before any
@@ -297,7 +298,7 @@ impl<'a> Writer<'a> {
     /// Start taking for writing every cache line of the next `len` bytes.
     #[inline]
     pub fn prefetch_w(&self, len: u32) {
-        self.lines_ahead(len, crate::prefetch_w)
+        self.lines_ahead(len, crate::cpu::prefetch_w)
     }
 
     /// `hint` every cache line of the next `len` bytes (as far as the chains go).

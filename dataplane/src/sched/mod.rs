@@ -13,15 +13,16 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::l2::MacTable;
+use crate::net::l2::MacTable;
 use crossbeam_queue::ArrayQueue;
 
-use crate::pipeline::{self, Role};
-use crate::pmd::{Model, PmdError, PmdHandle, Rxq, RxqLoad, Source, MAX_PORTS, MAX_RXQS};
-use crate::port::{NetFeatures, Port};
+use crate::net::features::NetFeatures;
+use crate::pmd::pipeline::{self, Role};
+use crate::pmd::{Model, PmdError, PmdHandle, Rxq, RxqLoad, Source, MAX_RXQS};
+use crate::port::Port;
 use crate::stats::PmdCounters;
 use crate::virtq::Virtq;
-use crate::{CoreId, PortId, QueueIdx};
+use crate::{CoreId, PortId, QueueIdx, MAX_PORTS};
 
 const MAC_TABLE_SIZE: usize = 8192;
 /// Loads are measured over windows this long (`pmd-rxq-show`, `cycles`, auto-rebalance).

@@ -65,6 +65,7 @@ impl MacCache {
 }
 
 /// A MAC address as the table knows it: its six bytes in order in the low 48 bits.
+#[cfg(test)]
 pub fn mac_key(mac: &[u8; 6]) -> u64 {
     mac.iter().fold(0, |k, &b| (k << 8) | b as u64)
 }

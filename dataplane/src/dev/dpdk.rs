@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use dpdk_sys as sys;
 
-use crate::virtq::{Seg, SegList};
+use crate::mem::seg::{Seg, SegList};
 use crate::BURST;
 
 #[derive(Debug, thiserror::Error)]
@@ -421,7 +421,7 @@ impl MbufBurst {
         for &m in &self.m[..self.n] {
             // SAFETY: a received mbuf; its header was just written by the driver.
             let data = unsafe { ((*m).buf_addr as *const u8).add((*m).data_off as usize) };
-            crate::prefetch(data);
+            crate::cpu::prefetch(data);
         }
         self.n
     }

@@ -5,8 +5,8 @@
 //! segment into MSS-sized frames with their own IP and TCP headers and checksums. Frames made
 //! here point into the source's buffers; only the headers are new bytes.
 
-use crate::virtq::copy::{csum, fold, gather};
-use crate::virtq::{Seg, SegList};
+use crate::mem::copy::{csum, fold, gather};
+use crate::mem::seg::{Seg, SegList};
 
 pub const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 pub const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;

@@ -9,7 +9,7 @@ use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use crate::offload::{Frame, VNET_HDR_LEN};
+use crate::net::offload::{Frame, VNET_HDR_LEN};
 
 /// The virtio-net header length the tap is set to (VERSION_1 layout, num_buffers included).
 pub const TAP_HDR_LEN: usize = 12;
@@ -206,7 +206,7 @@ pub fn write_frame(fd: RawFd, f: &Frame) -> TapIo {
     let mut iov = [libc::iovec {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
-    }; crate::virtq::MAX_SEGS + 1];
+    }; crate::mem::seg::MAX_SEGS + 1];
     iov[0] = libc::iovec {
         iov_base: hdr.as_mut_ptr().cast(),
         iov_len: TAP_HDR_LEN,
@@ -234,8 +234,8 @@ pub fn write_frame(fd: RawFd, f: &Frame) -> TapIo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offload::VnetHdr;
-    use crate::virtq::{Seg, SegList};
+    use crate::mem::seg::{Seg, SegList};
+    use crate::net::offload::VnetHdr;
 
     /// Two queues of one tap device: what one writes as the "outside" is not looped back, so
     /// check the kernel's view instead: a written frame counts as received by the interface.
