@@ -90,6 +90,9 @@ else:
 /// Ping and a checked TCP transfer go from A to B through the switch.
 #[test]
 fn netns_ping_and_tcp_through_tap_and_af_packet() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let tag = std::process::id() % 10_000;
     let net = Netns::new(tag);
     let (tap, veth, peer) = (format!("rst{tag}"), net.veth.clone(), format!("rsv{tag}p"));
@@ -202,6 +205,9 @@ fn netns_ping_and_tcp_through_tap_and_af_packet() {
 /// took, and what it forwarded is what the null port transmitted.
 #[test]
 fn testpmd_guest_into_net_null_counts_agree() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let sw = Switch::with_config(
         "null",
         TEST_EAL_ARGS,
@@ -256,6 +262,9 @@ fn traffic_flows(sw: &Switch) {
 /// port, by name, and the vhost-user ports still run.
 #[test]
 fn failed_dpdk_ports_are_named_and_the_others_run() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let ports = vhost_ports(2)
         + "[[port]]\nname = \"broken\"\ntype = \"dpdk\"\ndevargs = \"net_nosuchdriver0\"\n\
            [[port]]\nname = \"null\"\ntype = \"dpdk\"\ndevargs = \"net_null0,no-rx=1\"\n";
@@ -301,6 +310,9 @@ fn failed_dpdk_ports_are_named_and_the_others_run() {
 /// (net_null's frames flooded into the tap).
 #[test]
 fn dpdk_and_tap_ports_deleted_and_added_again() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let tap = format!("rsd{}", std::process::id() % 10_000);
     let null = "name = \"null\"\ntype = \"dpdk\"\ndevargs = \"net_null0,size=64\"\n".to_string();
     let tap_port = format!("name = \"t\"\ntype = \"tap\"\nifname = \"{tap}\"\n");

@@ -65,6 +65,9 @@ fn header(request: u32, flags: u32, size: u32) -> Vec<u8> {
 
 #[test]
 fn hostile_guest_is_contained_while_others_forward() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let mut sw = Switch::start("hostile", 3);
     // 128 frames circulating: the loop never fills an RX ring, so it drops nothing itself.
     let mut good = Testpmd::io_loop(&sw, "loop", 4);
@@ -308,6 +311,9 @@ fn call_fd_phase(sw: &Switch, hostile: bool) -> (f64, u64) {
 /// being served, and once the frontend leaves, the switch's fds are back to where they were.
 #[test]
 fn hostile_call_fd_cannot_freeze_the_pmd() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let sw = Switch::start("hostile-call", 3);
     let mut good = Testpmd::io_loop(&sw, "loop", 4);
     std::thread::sleep(Duration::from_secs(1));
@@ -373,6 +379,9 @@ fn shrink_memory_phase(sw: &Switch, file: std::fs::File) {
 
 #[test]
 fn hostile_shrunk_memory_costs_its_connection_not_the_switch() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let mut sw = Switch::start("hostile-shrink", 3);
     let mut good = Testpmd::io_loop(&sw, "loop", 4);
     std::thread::sleep(Duration::from_secs(1));
@@ -423,6 +432,9 @@ fn read_until_closed(s: &mut UnixStream, within: Duration) -> Vec<u8> {
 /// header times out. After each, a well-behaved frontend connects.
 #[test]
 fn hostile_framing_closes_the_connection_and_serves_the_next() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     use std::os::fd::AsRawFd;
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     let sw = Switch::start("hostile-framing", 3);
@@ -531,6 +543,9 @@ fn hostile_client_mode_frontends_cannot_spin_or_hang_the_port() {
 /// what its port's budget allows, and control and a good guest starting after it still work.
 #[test]
 fn hostile_fd_hungry_frontend_leaves_control_and_good_guests_working() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let ports = format!(
         "{}[[port]]\nname = \"wide\"\ntype = \"vhost-user\"\nsocket = \"{{dir}}/wide.sock\"\nqueues = 64\n",
         vhost_ports(2)
@@ -611,6 +626,9 @@ fn ctl_as_nobody(sw: &Switch, args: &[&str]) -> (bool, String) {
 /// file can make the switch delete a file that is not a socket.
 #[test]
 fn hostile_control_clients_cannot_jam_or_escalate() {
+    if !rig(&[Need::Root]) {
+        return;
+    }
     let sw = Switch::with_config(
         "hostile-ctl",
         "control_socket_mode = \"0666\"",
@@ -737,6 +755,9 @@ fn costly_frames_phase(sw: &Switch, hostile: bool) -> (f64, u64) {
 /// the same frontend sending small frames), and each is counted.
 #[test]
 fn hostile_costly_frames_cannot_starve_other_ports() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let sw = Switch::start("hostile-costly", 3);
     let mut good = Testpmd::io_loop(&sw, "loop", 4);
     std::thread::sleep(Duration::from_secs(1));

@@ -327,6 +327,9 @@ fn guest_image() -> PathBuf {
 /// switch when C receives them.
 #[test]
 fn linux_guests_multiqueue_offloads_and_host_through_the_switch() {
+    if !rig(&[Need::Root, Need::Qemu]) {
+        return;
+    }
     let image = guest_image();
     let tag = std::process::id() % 10_000;
     let tap = format!("rsh{tag}");
@@ -452,6 +455,9 @@ fn linux_guests_multiqueue_offloads_and_host_through_the_switch() {
 /// checks the marks themselves.)
 #[test]
 fn linux_guest_live_migration_keeps_pinging_through_the_switch() {
+    if !rig(&[Need::Root, Need::Qemu]) {
+        return;
+    }
     let image = guest_image();
     let sw = Switch::start("migrate", 3);
     let nic = |mac| Nic {

@@ -52,6 +52,9 @@ fn core_of(sw: &Switch, port: &str, queue: u16) -> u64 {
 /// once, and every frame is accounted for.
 #[test]
 fn two_pmds_share_a_destination_and_move_queues_without_loss() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let sw = Switch::with_config("pmds", "pmd_cores = [0, 1]\n", PORTS);
     let mut b = Testpmd::on_port(&sw, "b", 1, "rxonly");
     b.wait_output("Rx-pps", Duration::from_secs(30));
@@ -102,6 +105,9 @@ fn two_pmds_share_a_destination_and_move_queues_without_loss() {
 /// core that runs no PMD is refused at start, naming the file and key.
 #[test]
 fn pinned_queues_isolate_their_pmd() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let ports = "[[port]]\nname = \"p0\"\ntype = \"vhost-user\"\nsocket = \"{dir}/p0.sock\"\nqueues = 2\npmd_rxq_affinity = [1]\n\
                  [[port]]\nname = \"p1\"\ntype = \"vhost-user\"\nsocket = \"{dir}/p1.sock\"\nqueues = 2\n";
     let sw = Switch::with_config("pinned", "pmd_cores = [0, 1]\n", ports);
@@ -208,6 +214,9 @@ fn adaptive_pmd_wakes_on_kicks(name: &str, event_idx: bool) {
 /// within a few intervals they are on different PMDs again, with no frame lost on the way.
 #[test]
 fn auto_rebalance_spreads_an_overloaded_pmd() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let dataplane =
         "pmd_cores = [0, 1]\nauto_lb = true\nauto_lb_load_threshold = 5\nauto_lb_interval = 1\n";
     let sw = Switch::with_config("autolb", dataplane, PORTS);

@@ -14,6 +14,9 @@ fn sleep(s: f64) {
 /// (a) guest A txonly → ringswitch → guest B rxonly: B received exactly what the switch delivered.
 #[test]
 fn txonly_to_rxonly_counts_agree() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let sw = Switch::start("counts", 2);
     let mut b = Testpmd::on_port(&sw, "b", 1, "rxonly");
     b.wait_output("Rx-pps", Duration::from_secs(20));
@@ -38,6 +41,9 @@ fn txonly_to_rxonly_counts_agree() {
 /// flowing in every one-second period.
 #[test]
 fn io_loop_flows_for_ten_seconds() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let sw = Switch::start("loop", 2);
     let mut g = Testpmd::io_loop(&sw, "loop", 32);
     // Sample ringswitch's delivered counters every second for 10 s: each second must move traffic.
@@ -66,6 +72,9 @@ fn io_loop_flows_for_ten_seconds() {
 /// and traffic resumes.
 #[test]
 fn killed_guest_restarts_and_traffic_resumes() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let mut sw = Switch::start("restart", 2);
     let start_b = |sw: &Switch| Testpmd::on_port(sw, "b", 1, "rxonly");
     let start_a = |sw: &Switch| Testpmd::on_port(sw, "a", 0, "txonly");
@@ -151,6 +160,9 @@ fn read_pcap(path: &std::path::Path) -> Vec<Vec<u8>> {
 /// B uses small mbufs, so large frames arrive over several mergeable RX buffers.
 #[test]
 fn frame_contents_arrive_intact() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     frames_arrive_intact("bytes", "");
 }
 
@@ -158,6 +170,9 @@ fn frame_contents_arrive_intact() {
 /// taken and given back in one shared ring, big frames spread over several RX buffers.
 #[test]
 fn frame_contents_arrive_intact_over_packed_in_order_rings() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     frames_arrive_intact("packed", ",packed_vq=1,in_order=1");
 }
 
@@ -262,6 +277,9 @@ fn bad_config_is_refused_with_file_line_and_key() {
 /// ports count no drops meanwhile and keep moving traffic.
 #[test]
 fn add_and_del_port_at_run_time_drop_nothing() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let sw = Switch::start("addel", 2);
     // 128 frames circulating: the loop never fills an RX ring, so it drops nothing itself.
     let mut g = Testpmd::io_loop(&sw, "loop", 4);
@@ -318,6 +336,9 @@ fn add_and_del_port_at_run_time_drop_nothing() {
 /// virtio-user server mode does not accept a new backend after its first one vanished.)
 #[test]
 fn client_mode_ports_reconnect_to_a_restarted_frontend() {
+    if !rig(&[Need::Root, Need::Hugepages, Need::Testpmd]) {
+        return;
+    }
     let sw_dir = TestDir::new("client-guests");
     let socks = [sw_dir.join("g0.sock"), sw_dir.join("g1.sock")];
     let ports: String = socks

@@ -9,4 +9,5 @@
     clippy::undocumented_unsafe_blocks
 )]
 
+#[cfg(dpdk_found)]
 include!(concat!(env!("OUT_DIR"), "/bindings.rs"));

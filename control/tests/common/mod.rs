@@ -9,6 +9,73 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// What an integration test needs of the machine beyond a Rust toolchain.
+#[derive(Clone, Copy, Debug)]
+pub enum Need {
+    /// Root: tap devices, network namespaces, hugepage files.
+    Root,
+    /// 2 MiB hugepages reserved (testpmd's memory, hugetlbfs guest memory).
+    Hugepages,
+    /// DPDK's testpmd (the guests and vdevs of most tests; also means ringswitch has DPDK).
+    Testpmd,
+    /// QEMU, and what scripts/guest-image needs to build a Linux guest.
+    Qemu,
+}
+
+impl Need {
+    /// Why this machine lacks it, if it does.
+    fn missing(self) -> Option<&'static str> {
+        let on_path = |cmd: &str| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {cmd}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let ok = match self {
+            // SAFETY: geteuid has no preconditions.
+            Need::Root => (unsafe { libc::geteuid() }) == 0,
+            Need::Hugepages => std::fs::read_to_string("/proc/meminfo").is_ok_and(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("HugePages_Total:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .is_some_and(|n| n > 0)
+            }),
+            Need::Testpmd => on_path("dpdk-testpmd"),
+            Need::Qemu => on_path("qemu-system-x86_64"),
+        };
+        (!ok).then_some(match self {
+            Need::Root => "root",
+            Need::Hugepages => {
+                "2 MiB hugepages reserved (../shared/lab/hugepages.sh, or ./scripts/setup)"
+            }
+            Need::Testpmd => "dpdk-testpmd (Debian's dpdk package; ./scripts/setup installs it)",
+            Need::Qemu => "qemu-system-x86_64 (./scripts/setup installs it)",
+        })
+    }
+}
+
+/// Whether the machine has everything in `needs`. If not, the test says what it misses and
+/// should return (`if !rig(...) { return; }`): a contributor's `cargo test` without the rig
+/// runs what it can. Under RS_REQUIRE_RIG (set by ./scripts/test, so in CI) a missing piece
+/// fails the test instead.
+pub fn rig(needs: &[Need]) -> bool {
+    let missing: Vec<&str> = needs.iter().filter_map(|n| n.missing()).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let name = std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_owned();
+    let why = format!("{name} needs the test rig: {}", missing.join(", "));
+    assert!(std::env::var_os("RS_REQUIRE_RIG").is_none(), "{why}");
+    // Straight to stderr: libtest would swallow an `eprintln!` of a test that passes.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {why}");
+    false
+}
+
 pub fn tmpdir(tag: &str) -> PathBuf {
     let d = PathBuf::from(format!("/tmp/rs-it-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
