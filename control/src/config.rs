@@ -6,8 +6,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dataplane::Model;
-use dataplane::{Assign, AutoLb};
+use dataplane::{Assign, AutoLb, Model};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +67,7 @@ struct DataplaneSection {
     adaptive_idle_us: Option<u32>,
     /// Pipeline model: how many of the PMDs (the last ones listed) only deliver.
     pipeline_tx_pmds: Option<u16>,
-    /// How rx queues not pinned are spread over the PMDs.
+    /// How source queues not pinned are spread over the PMDs.
     #[serde(default)]
     rxq_assign: RxqAssign,
     /// "auto": lock a destination queue only when several PMDs may write it; "always": lock
@@ -141,7 +140,7 @@ struct PortSection {
     tx_descriptors: Option<u16>,
     // tap
     ifname: Option<String>,
-    /// Per rx queue, the PMD core that polls it (OVS's pmd-rxq-affinity); that PMD then
+    /// Per source queue, the PMD core that polls it (OVS's pmd-rxq-affinity); that PMD then
     /// polls no queue that is not pinned to it.
     pmd_rxq_affinity: Option<Vec<usize>>,
 }
@@ -255,7 +254,7 @@ pub struct PortConfig {
     pub name: String,
     /// Queue pairs (vhost-user), RX and TX queues (dpdk), queues (tap).
     pub queues: u16,
-    /// The core each rx queue is pinned to, by queue number (may be shorter than `queues`).
+    /// The core each source queue is pinned to, by queue number (may be shorter than `queues`).
     pub rxq_affinity: Vec<usize>,
     pub kind: PortKind,
     /// The file it came from, for error messages.

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use dataplane::QueueCounters;
-use dataplane::{Assign, Move};
+use dataplane::{Assign, Move, QueueCounters};
 use serde_json::{json, Value};
 
 use crate::config::SocketPerm;
@@ -169,14 +168,14 @@ pub fn stats_json(sw: &Switch) -> Value {
                 "busy_pct": 100.0 * s.busy_cycles as f64 / total as f64,
                 "busy_pct_last": p.busy_pct,
                 "cycles_per_packet": s.busy_cycles as f64 / s.packets.max(1) as f64,
-                "rx_queues": p.rxqs, "isolated": p.isolated, "sleeps": s.sleeps,
+                "source_queues": p.sources, "isolated": p.isolated, "sleeps": s.sleeps,
                 "tsc_hz": sw.tsc_hz,
             })
         })
         .collect();
     let rxqs: Vec<Value> = sw
         .dp
-        .rxq_show()
+        .source_show()
         .iter()
         .map(|q| {
             json!({
@@ -248,7 +247,7 @@ fn rebalance(sw: &Switch, policy: &str) -> anyhow::Result<String> {
 
 /// The queues that changed PMD, a line each (for `rebalance`, `pin` and auto-rebalance's log).
 pub fn moves_text(sw: &Switch, moves: &[Move]) -> String {
-    let mut out = format!("{} rx queue(s) moved\n", moves.len());
+    let mut out = format!("{} source queue(s) moved\n", moves.len());
     for m in moves {
         out += &format!(
             "  port {} queue {}: core {} -> core {}\n",
@@ -261,7 +260,7 @@ pub fn moves_text(sw: &Switch, moves: &[Move]) -> String {
     out
 }
 
-/// `pin PORT QUEUE CORE|none`: pin an rx queue to a PMD's core (or unpin it), moving it now.
+/// `pin PORT QUEUE CORE|none`: pin a source queue to a PMD's core (or unpin it), moving it now.
 fn pin(sw: &Switch, args: &str) -> anyhow::Result<String> {
     let a: Vec<&str> = args.split_whitespace().collect();
     let [port, queue, core] = a[..] else {
@@ -289,10 +288,10 @@ fn format_pmds(v: &Value) -> String {
     for p in v["pmds"].as_array().into_iter().flatten() {
         let hz = n(&p["tsc_hz"]).max(1) as f64;
         out += &format!(
-            "pmd thread core {}{}:\n  rx queues: {}\n  packets: {}\n  busy cycles: {} ({:.2}%)\n  idle cycles: {} ({:.2}%)\n  avg cycles per packet: {:.1}\n  busy in the last second: {:.1}%\n  sleeps (adaptive): {}\n  running for: {:.1} s\n",
+            "pmd thread core {}{}:\n  source queues: {}\n  packets: {}\n  busy cycles: {} ({:.2}%)\n  idle cycles: {} ({:.2}%)\n  avg cycles per packet: {:.1}\n  busy in the last second: {:.1}%\n  sleeps (adaptive): {}\n  running for: {:.1} s\n",
             p["core"],
             if p["isolated"] == true { " (isolated)" } else { "" },
-            n(&p["rx_queues"]),
+            n(&p["source_queues"]),
             n(&p["packets"]),
             n(&p["busy_cycles"]),
             f(&p["busy_pct"]),

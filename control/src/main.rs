@@ -51,12 +51,12 @@ enum CtlCmd {
     DelPort { name: String },
     /// Per PMD: packets, cycles per packet, busy and idle time.
     PmdStatsShow,
-    /// Which PMD polls which rx queue, and how busy each keeps it.
+    /// Which PMD polls which source queue, and how busy each keeps it.
     PmdRxqShow,
-    /// Reassign the rx queues to the PMDs now, by the configured policy or the one named
+    /// Reassign the source queues to the PMDs now, by the configured policy or the one named
     /// (roundrobin or cycles).
     Rebalance { policy: Option<String> },
-    /// Pin an rx queue of a port to a PMD core ("none": unpin) and move it there now.
+    /// Pin a source queue of a port to a PMD core ("none": unpin) and move it there now.
     Pin {
         port: String,
         queue: u16,

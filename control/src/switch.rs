@@ -14,13 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use dataplane::dpdk::{self, EthConfig, EthDev, Mempool};
-use dataplane::Dataplane;
-use dataplane::PortId;
-use dataplane::QueueStats;
-use dataplane::Source;
-use dataplane::Tap;
-use dataplane::{EthPort, TapPort};
-use dataplane::{Port, VhostPort};
+use dataplane::{Dataplane, DpdkPort, Port, PortId, QueueStats, Source, Tap, TapPort, VhostPort};
 use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag, VhostUserVirtioFeatures};
 use vhost::vhost_user::{BackendReqHandler, VhostUserBackendReqHandlerMut};
 
@@ -470,7 +464,7 @@ fn start_dpdk_port(
     let link = dpdk::link(port_id);
     let mut info = PortInfo::new(pc, id, queue_stats(pc.queues));
     let (to_port, from_port) = split_stats(&info.queues);
-    let port = Port::Eth(EthPort::new(id, dev, to_port, from_port.into()));
+    let port = Port::Dpdk(DpdkPort::new(id, dev, to_port, from_port.into()));
     start_device_port(dp, port, pc)?;
     log::info!(
         "port {}: dpdk {devargs} (port id {port_id}, {}, {} queue(s), link {} {} Mb/s)",
@@ -493,16 +487,16 @@ fn split_stats(queues: &[Arc<QueueStats>]) -> (Vec<Arc<QueueStats>>, Vec<Arc<Que
     (to, from)
 }
 
-/// Hand a device port to the PMDs, and each of its rx queues to the PMD the policy picks.
+/// Hand a device port to the PMDs, and each of its source queues to the PMD the policy picks.
 fn start_device_port(dp: &Dataplane, port: Port, pc: &PortConfig) -> anyhow::Result<()> {
     let id = port.id();
     dp.add_port(port, &pc.rxq_affinity)?;
     for q in 0..pc.queues {
         let source = match pc.kind {
             PortKind::Tap { .. } => Source::Tap,
-            _ => Source::Eth,
+            _ => Source::Dpdk,
         };
-        if let Err(e) = dp.add_rxq(id, q, source) {
+        if let Err(e) = dp.add_source(id, q, source) {
             drop(dp.remove_port(id));
             return Err(e.into());
         }

@@ -6,38 +6,37 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use dataplane::Dataplane;
-use dataplane::NetFeatures;
-use dataplane::OffloadCaps;
-use dataplane::QueueStats;
-use dataplane::RingAddrs;
-use dataplane::{DirtyLog, MemTable, RegionDesc};
-use dataplane::{PackedRing, SplitRing, Virtq};
-use dataplane::{PortId, QueueIdx};
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use virtio_bindings::{virtio_config, virtio_net, virtio_ring};
+
+use dataplane::{
+    Dataplane, DirtyLog, MemTable, NetFeatures, OffloadCaps, PackedRing, PortId, QueueIdx,
+    QueueStats, RegionDesc, RingAddrs, SplitRing, Virtq,
+};
 use vhost::vhost_user::message::*;
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vhost::vhost_user::{Backend, Error as VuError, GpuBackend, Result as VuResult};
 use vhost::VhostUserMemoryRegionBase;
 
-pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
-pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
-pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
-pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
-pub const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << 9;
-pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
-pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
-pub const VIRTIO_NET_F_HOST_ECN: u64 = 1 << 13;
-pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
-pub const VIRTIO_NET_F_GUEST_ANNOUNCE: u64 = 1 << 21;
-pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
-pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
-pub const VIRTIO_F_ANY_LAYOUT: u64 = 1 << 27;
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-pub const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
-pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << virtio_net::VIRTIO_NET_F_CSUM;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << virtio_net::VIRTIO_NET_F_GUEST_CSUM;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << virtio_net::VIRTIO_NET_F_GUEST_TSO4;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << virtio_net::VIRTIO_NET_F_GUEST_TSO6;
+pub const VIRTIO_NET_F_GUEST_ECN: u64 = 1 << virtio_net::VIRTIO_NET_F_GUEST_ECN;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << virtio_net::VIRTIO_NET_F_HOST_TSO4;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << virtio_net::VIRTIO_NET_F_HOST_TSO6;
+pub const VIRTIO_NET_F_HOST_ECN: u64 = 1 << virtio_net::VIRTIO_NET_F_HOST_ECN;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+pub const VIRTIO_NET_F_GUEST_ANNOUNCE: u64 = 1 << virtio_net::VIRTIO_NET_F_GUEST_ANNOUNCE;
+pub const VIRTIO_NET_F_MQ: u64 = 1 << virtio_net::VIRTIO_NET_F_MQ;
+pub const VHOST_F_LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
+pub const VIRTIO_F_ANY_LAYOUT: u64 = 1 << virtio_config::VIRTIO_F_ANY_LAYOUT;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
+pub const VIRTIO_F_RING_PACKED: u64 = 1 << virtio_config::VIRTIO_F_RING_PACKED;
+pub const VIRTIO_F_IN_ORDER: u64 = 1 << virtio_config::VIRTIO_F_IN_ORDER;
 
 /// Checksum and TCP segmentation offloads both ways: what a guest leaves undone is finished in
 /// software for destinations that did not negotiate it (dataplane/src/offload.rs).

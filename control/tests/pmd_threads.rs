@@ -33,7 +33,7 @@ fn two_queue_sender(sw: &Switch) -> Testpmd {
     a
 }
 
-/// The core of the PMD polling rx queue `queue` of `port`.
+/// The core of the PMD polling source queue `queue` of `port`.
 fn core_of(sw: &Switch, port: &str, queue: u16) -> u64 {
     let s = sw.stats();
     let q = s["rxqs"]
@@ -41,7 +41,7 @@ fn core_of(sw: &Switch, port: &str, queue: u16) -> u64 {
         .unwrap()
         .iter()
         .find(|q| q["port"] == port && q["queue"] == queue && q["running"] == true)
-        .unwrap_or_else(|| panic!("no running rx queue {port}/{queue} in {s}"))
+        .unwrap_or_else(|| panic!("no running source queue {port}/{queue} in {s}"))
         .clone();
     q["core"].as_u64().unwrap()
 }
@@ -295,6 +295,9 @@ fn pipeline_hands_frames_from_the_rx_pmd_to_the_tx_pmd() {
     );
     assert!(rx["packets"].as_u64().unwrap() > r.sent, "{rx}");
     assert!(tx["packets"].as_u64().unwrap() > r.sent, "{tx}");
-    assert_eq!(tx["rx_queues"], 0, "the tx PMD polls no rx queue: {tx}");
+    assert_eq!(
+        tx["source_queues"], 0,
+        "the tx PMD polls no source queue: {tx}"
+    );
     sw.check_accounting();
 }

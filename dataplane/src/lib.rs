@@ -27,8 +27,8 @@ pub use mem::table::{DirtyLog, MemError, MemTable, RegionDesc};
 pub use net::features::NetFeatures;
 pub use net::offload::OffloadCaps;
 pub use pmd::{Model, PmdError, Source};
-pub use port::{dpdk::EthPort, tap::TapPort, Port, VhostPort};
-pub use sched::{Assign, AutoLb, Dataplane, Move, PinError, PmdInfo, RxqInfo};
+pub use port::{dpdk::DpdkPort, tap::TapPort, Port, VhostPort};
+pub use sched::{Assign, AutoLb, Dataplane, Move, PinError, PmdInfo, SourceQueueInfo};
 pub use stats::{PmdCounters, QueueCounters, QueueStats};
 pub use virtq::{split::RingAddrs, PackedRing, RingError, SplitRing, Virtq};
 
@@ -48,7 +48,7 @@ pub mod harness {
         finish, Frame, SoftScratch, VnetHdr, MIN_GSO_SIZE, VNET_HDR_LEN,
     };
     pub use crate::port::lock::pmd_holder;
-    pub use crate::port::{Delivery, RxScratch, VhostRxq};
+    pub use crate::port::{Delivery, DeliveryScratch, GuestRxq};
     pub use crate::virtq::call::{install as install_notifier, maintain as maintain_notifier};
     #[cfg(fuzzing)]
     pub use crate::virtq::DESC_READS;

@@ -146,7 +146,7 @@ impl QueueCounters {
 #[derive(Default, Debug)]
 pub struct PmdStats {
     pub iterations: AtomicU64,
-    /// TSC cycles of passes over the rx queues that moved at least one packet, and the rest
+    /// TSC cycles of passes over the source queues that moved at least one packet, and the rest
     /// (passes that moved none, commands, sleep).
     pub busy_cycles: AtomicU64,
     pub idle_cycles: AtomicU64,

@@ -16,8 +16,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use dataplane::harness::{
-    gather, install_notifier, maintain_notifier, pmd_holder, Delivery, Frame, RxScratch, SegList,
-    VhostRxq, VirtQueue, VnetHdr, DESC_READS, MAX_CHAIN_DESCS, MIN_GSO_SIZE, VNET_HDR_LEN,
+    gather, install_notifier, maintain_notifier, pmd_holder, Delivery, Frame, DeliveryScratch, SegList,
+    GuestRxq, VirtQueue, VnetHdr, DESC_READS, MAX_CHAIN_DESCS, MIN_GSO_SIZE, VNET_HDR_LEN,
 };
 use dataplane::{
     MemTable, NetFeatures, OffloadCaps, PackedRing, Port, PortId, QueueStats, RegionDesc,
@@ -144,7 +144,7 @@ fuzz_target!(|data: &[u8]| {
     let Port::Vhost(p) = &mut port else {
         unreachable!()
     };
-    *p.rx[0].get_mut() = VhostRxq {
+    *p.rx[0].get_mut() = GuestRxq {
         ring: Some(Box::new(rx)),
         features,
     };
@@ -152,7 +152,7 @@ fuzz_target!(|data: &[u8]| {
     let broken = || rx_stats.ring_broken.load(Ordering::Relaxed) != 0;
 
     let mut src = Box::<SegList>::default();
-    let mut scratch = RxScratch::new(pmd_holder(0));
+    let mut scratch = DeliveryScratch::new(pmd_holder(0));
     // Frames offered as they are, and frames whose offloads were finished in software first (the
     // RX side then counts each frame made of them, as `sw_offload`).
     let (mut offered, mut finished, mut tx_frames) = (0u64, 0u64, 0u64);

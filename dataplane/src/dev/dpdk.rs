@@ -274,7 +274,7 @@ impl EthDev {
             sys::rte_eth_dev_info_get(port, &mut info)
         })?;
         for (what, want, max) in [
-            ("rx queues", cfg.rx_queues, info.max_rx_queues),
+            ("source queues", cfg.rx_queues, info.max_rx_queues),
             ("tx queues", cfg.tx_queues, info.max_tx_queues),
         ] {
             if want > max {

@@ -5,14 +5,17 @@
 //! segment into MSS-sized frames with their own IP and TCP headers and checksums. Frames made
 //! here point into the source's buffers; only the headers are new bytes.
 
+use virtio_bindings::virtio_net;
+
 use crate::mem::copy::{csum, fold, gather};
 use crate::mem::seg::{Seg, SegList};
 
-pub const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
-pub const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
-pub const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
-pub const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
-pub const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
+// The header's flags and GSO types, from virtio-bindings (u32 there; the fields are bytes).
+pub const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = virtio_net::VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+pub const VIRTIO_NET_HDR_GSO_NONE: u8 = virtio_net::VIRTIO_NET_HDR_GSO_NONE as u8;
+pub const VIRTIO_NET_HDR_GSO_TCPV4: u8 = virtio_net::VIRTIO_NET_HDR_GSO_TCPV4 as u8;
+pub const VIRTIO_NET_HDR_GSO_TCPV6: u8 = virtio_net::VIRTIO_NET_HDR_GSO_TCPV6 as u8;
+pub const VIRTIO_NET_HDR_GSO_ECN: u8 = virtio_net::VIRTIO_NET_HDR_GSO_ECN as u8;
 
 /// The part of the virtio-net header that describes the frame (without `num_buffers`).
 pub const VNET_HDR_LEN: usize = 10;

@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 
 use super::tally::bump;
-use super::{Pmd, Rxq, Source};
+use super::{Pmd, Source, SourceQueue};
 use crate::cpu::tsc;
 use crate::dev::epoll::Waiter;
 use crate::port::Port;
@@ -45,11 +45,16 @@ impl Pmd {
             return;
         };
         s.idle_since = 0;
-        if s.blind || self.rxqs.iter().any(|q| matches!(q.source, Source::Eth)) {
+        if s.blind
+            || self
+                .sources
+                .iter()
+                .any(|q| matches!(q.source, Source::Dpdk))
+        {
             return;
         }
         let mut waiting = false;
-        for q in self.rxqs.iter_mut() {
+        for q in self.sources.iter_mut() {
             if let Source::Vhost { ring, .. } = &mut q.source {
                 waiting |= ring.set_kicks(true);
             }
@@ -58,23 +63,23 @@ impl Pmd {
             bump(&self.shared.stats.sleeps, 1);
             s.waiter.wait(SLEEP_MAX_MS);
         }
-        for q in self.rxqs.iter_mut() {
+        for q in self.sources.iter_mut() {
             if let Source::Vhost { ring, .. } = &mut q.source {
                 ring.set_kicks(false);
             }
         }
     }
 
-    /// The fd that says rx queue `q` has input (a guest's kick eventfd, a tap queue's fd),
+    /// The fd that says source queue `q` has input (a guest's kick eventfd, a tap queue's fd),
     /// and whether it is an eventfd.
-    pub(super) fn wake_fd(&self, q: &Rxq) -> Option<(RawFd, bool)> {
+    pub(super) fn wake_fd(&self, q: &SourceQueue) -> Option<(RawFd, bool)> {
         match &q.source {
             Source::Vhost { kick, .. } => kick.as_ref().map(|k| (k.as_raw_fd(), true)),
             Source::Tap => match self.fwd.fabric.port(q.port) {
                 Some(Port::Tap(p)) => p.queues.get(q.queue as usize).map(|t| (t.fd(), false)),
                 _ => None,
             },
-            Source::Eth => None,
+            Source::Dpdk => None,
         }
     }
 }

@@ -27,7 +27,7 @@ const PASS_BUDGET: u32 = 256 * 1024;
 /// its checksums and its delivery), in bytes.
 const SEG_COST: u32 = 256;
 
-/// What switching a burst needs, apart from the rx queue it comes from.
+/// What switching a burst needs, apart from the source queue it comes from.
 pub(super) struct Fwd {
     pub(super) fabric: Fabric,
     /// The frame being switched, as segments (guest buffers, an mbuf chain or `tap_buf`).
@@ -96,11 +96,11 @@ impl Fwd {
         }
         let mut tally = Tally::default();
         // The burst's chains go back to the guest only after the copies out of them ran.
-        self.fabric.rx.defer_copies = true;
+        self.fabric.dl.defer_copies = true;
         // All the guest has sent fits in this burst: the PMD keeps up with the guest, and can
         // spend on handing the guest's lines back (not known of a packed ring; measured there
         // with the PMD the bottleneck, demoting cost 3 %).
-        self.fabric.rx.demote_sources = R::COUNTS_ALL_PENDING && pending <= BURST as u16;
+        self.fabric.dl.demote_sources = R::COUNTS_ALL_PENDING && pending <= BURST as u16;
         self.seg_cost = 0;
         let (mut bytes, mut taken) = (0u32, n);
         for (i, &head) in heads.iter().enumerate() {
@@ -121,8 +121,8 @@ impl Fwd {
                 break;
             }
         }
-        self.fabric.rx.defer_copies = false;
-        self.fabric.rx.demote_sources = false;
+        self.fabric.dl.defer_copies = false;
+        self.fabric.dl.demote_sources = false;
         // Destination guests first (the sooner a guest sees its frames, the sooner it
         // refills); then, no frame needing its buffers any more, the source guest gets its
         // chains back before the device queues are flushed (a DPDK TX burst, which frees a
@@ -207,8 +207,8 @@ impl Fwd {
 
     /// Take up to BURST frames from one RX queue of a DPDK port and switch them.
     #[inline]
-    pub(super) fn eth_burst(&mut self, src: PortId, q: u16) -> usize {
-        let Some(Port::Eth(p)) = self.fabric.port(src) else {
+    pub(super) fn dpdk_burst(&mut self, src: PortId, q: u16) -> usize {
+        let Some(Port::Dpdk(p)) = self.fabric.port(src) else {
             return 0;
         };
         let n = self.mbufs.rx(p.dev.port_id, q);
@@ -217,7 +217,7 @@ impl Fwd {
         }
         let mut tally = Tally::default();
         // The mbufs are freed only after the copies out of them ran.
-        self.fabric.rx.defer_copies = true;
+        self.fabric.dl.defer_copies = true;
         for i in 0..n {
             // A chain of more mbufs than a segment list holds is not taken apart.
             let (v, len) = match self.mbufs.segs(i, &mut self.src) {
@@ -235,7 +235,7 @@ impl Fwd {
             };
             tally.count(v, len);
         }
-        self.fabric.rx.defer_copies = false;
+        self.fabric.dl.defer_copies = false;
         self.fabric.release_held();
         self.mbufs.free_all();
         if let Some(s) = self.fabric.port(src).and_then(|p| p.from_port(q as usize)) {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crossbeam_queue::ArrayQueue;
 
-use super::{Pmd, Rxq, MAX_RXQS};
+use super::{Pmd, SourceQueue, MAX_SOURCES};
 use crate::net::features::NetFeatures;
 use crate::port::Port;
 use crate::virtq::Virtq;
@@ -15,7 +15,7 @@ use crate::PortId;
 
 /// Something the PMD hands back to control, to be dropped (unmapped, closed) there.
 pub enum Returned {
-    Rxq(Rxq),
+    SourceQueue(SourceQueue),
     Ring(Box<Virtq>),
 }
 
@@ -74,8 +74,8 @@ impl Reply {
 pub(super) enum Command {
     AddPort(Arc<Port>, Arc<Reply>),
     RemovePort(PortId, Arc<Reply>),
-    AddRxq(Rxq, Arc<Reply>),
-    RemoveRxq(PortId, u16, Arc<Reply>),
+    AddSource(SourceQueue, Arc<Reply>),
+    RemoveSource(PortId, u16, Arc<Reply>),
     /// Swap the ring of a guest RX queue (a destination every PMD may hold for a burst).
     SwapRing {
         port: PortId,
@@ -91,8 +91,8 @@ impl Command {
         match self {
             Command::AddPort(_, r)
             | Command::RemovePort(_, r)
-            | Command::AddRxq(_, r)
-            | Command::RemoveRxq(_, _, r)
+            | Command::AddSource(_, r)
+            | Command::RemoveSource(_, _, r)
             | Command::SwapRing { reply: r, .. } => r,
         }
     }
@@ -112,7 +112,7 @@ impl Pmd {
         let f = &mut self.fwd.fabric;
         let (reply, back) = match cmd {
             Command::AddPort(port, reply) => {
-                if matches!(*port, Port::Eth(_)) && !self.dpdk_registered {
+                if matches!(*port, Port::Dpdk(_)) && !self.dpdk_registered {
                     self.dpdk_registered = true;
                     crate::dev::dpdk::register_thread();
                 }
@@ -131,32 +131,32 @@ impl Pmd {
                 f.ports.get_mut(id.0 as usize).and_then(Option::take);
                 (reply, None)
             }
-            Command::AddRxq(rxq, reply) => {
-                let fd = self.wake_fd(&rxq);
+            Command::AddSource(sq, reply) => {
+                let fd = self.wake_fd(&sq);
                 if let (Some(s), Some((fd, eventfd))) = (&mut self.sleep, fd) {
                     // A queue it cannot watch would not wake it: then it never sleeps.
                     s.blind |= s.waiter.add(fd, eventfd).is_err();
                 }
                 // Refused by control beforehand; a full list would allocate here.
-                if self.rxqs.len() < MAX_RXQS {
-                    self.rxqs.push(rxq);
+                if self.sources.len() < MAX_SOURCES {
+                    self.sources.push(sq);
                     (reply, None)
                 } else {
-                    (reply, Some(Returned::Rxq(rxq)))
+                    (reply, Some(Returned::SourceQueue(sq)))
                 }
             }
-            Command::RemoveRxq(port, queue, reply) => {
+            Command::RemoveSource(port, queue, reply) => {
                 let back = self
-                    .rxqs
+                    .sources
                     .iter()
                     .position(|q| q.port == port && q.queue == queue)
-                    .map(|i| self.rxqs.remove(i));
+                    .map(|i| self.sources.remove(i));
                 if let (Some(s), Some((fd, _))) =
                     (&self.sleep, back.as_ref().and_then(|q| self.wake_fd(q)))
                 {
                     s.waiter.remove(fd);
                 }
-                (reply, back.map(Returned::Rxq))
+                (reply, back.map(Returned::SourceQueue))
             }
             Command::SwapRing {
                 port,
@@ -166,7 +166,7 @@ impl Pmd {
                 reply,
             } => {
                 let back = match f.ports.get(port.0 as usize).and_then(|p| p.as_deref()) {
-                    Some(p) => p.swap_ring(f.rx.me, queue as usize, features, ring),
+                    Some(p) => p.swap_ring(f.dl.me, queue as usize, features, ring),
                     None => ring,
                 };
                 (reply, back.map(Returned::Ring))

@@ -9,7 +9,7 @@ use super::tally::Verdict;
 use crate::mem::copy::head_words;
 use crate::net::l2::{header_keys, MacCache, MacTable};
 use crate::net::offload::Frame;
-use crate::port::{Delivery, Port, RxScratch};
+use crate::port::{Delivery, DeliveryScratch, Port};
 use crate::{PortId, MAX_FRAME};
 
 /// Every port, as destinations, and the MAC table: what forwarding needs, apart from the
@@ -21,7 +21,7 @@ pub(super) struct Fabric {
     pub(super) active: Vec<PortId>,
     pub(super) macs: Arc<MacTable>,
     pub(super) mac_cache: MacCache,
-    pub(super) rx: RxScratch,
+    pub(super) dl: DeliveryScratch,
 }
 
 impl Fabric {
@@ -34,16 +34,16 @@ impl Fabric {
     /// sooner a guest sees its frames, the sooner it refills and sends.
     #[inline]
     pub(super) fn release_held(&mut self) {
-        release_held(&self.ports, &mut self.rx)
+        release_held(&self.ports, &mut self.dl)
     }
 
     /// Run the copies put off, then publish and let go of the guests' queues held; device
     /// queues stay held.
     #[inline]
     pub(super) fn release_held_guests(&mut self) {
-        self.rx.copies.run();
+        self.dl.copies.run();
         let ports = &self.ports;
-        self.rx
+        self.dl
             .held
             .retain(|&(id, q)| match ports[id.0 as usize].as_deref() {
                 Some(p @ Port::Vhost(_)) => {
@@ -74,7 +74,7 @@ impl Fabric {
             let Some(port) = self.ports.get(dst.0 as usize).and_then(|p| p.as_deref()) else {
                 return Verdict::NoDestination;
             };
-            return match deliver(&self.ports, &mut self.rx, port, f) {
+            return match deliver(&self.ports, &mut self.dl, port, f) {
                 Delivery::Delivered => Verdict::Forwarded,
                 Delivery::NoQueue | Delivery::Busy => Verdict::NoDestination,
                 Delivery::Refused => Verdict::Undelivered,
@@ -91,7 +91,7 @@ impl Fabric {
             let Some(port) = self.ports[id.0 as usize].as_deref() else {
                 continue;
             };
-            match deliver(&self.ports, &mut self.rx, port, f) {
+            match deliver(&self.ports, &mut self.dl, port, f) {
                 Delivery::Delivered => delivered = true,
                 Delivery::Refused => refused = true,
                 Delivery::BadOffload => bad = true,
@@ -110,9 +110,9 @@ impl Fabric {
 /// Run the copies put off, publish what was delivered into the queues `rx` holds, and let
 /// go of them.
 #[inline]
-fn release_held(ports: &[Option<Arc<Port>>], rx: &mut RxScratch) {
-    rx.copies.run();
-    for (id, q) in rx.held.drain(..) {
+fn release_held(ports: &[Option<Arc<Port>>], dl: &mut DeliveryScratch) {
+    dl.copies.run();
+    for (id, q) in dl.held.drain(..) {
         if let Some(p) = ports[id.0 as usize].as_deref() {
             // SAFETY: listed in `held`, so this PMD holds the queue; no reference from the
             // burst's deliveries is alive any more.
@@ -124,17 +124,22 @@ fn release_held(ports: &[Option<Arc<Port>>], rx: &mut RxScratch) {
 /// Offer a frame to `port`; when another PMD holds the queue it needs, let go of everything
 /// this one holds (so two PMDs never wait on each other) and try again.
 #[inline]
-fn deliver(ports: &[Option<Arc<Port>>], rx: &mut RxScratch, port: &Port, f: &Frame) -> Delivery {
+fn deliver(
+    ports: &[Option<Arc<Port>>],
+    dl: &mut DeliveryScratch,
+    port: &Port,
+    f: &Frame,
+) -> Delivery {
     loop {
-        match port.deliver(f, rx) {
-            Delivery::Busy => wait_busy(ports, rx),
+        match port.deliver(f, dl) {
+            Delivery::Busy => wait_busy(ports, dl),
             d => return d,
         }
     }
 }
 
 #[cold]
-fn wait_busy(ports: &[Option<Arc<Port>>], rx: &mut RxScratch) {
-    release_held(ports, rx);
+fn wait_busy(ports: &[Option<Arc<Port>>], dl: &mut DeliveryScratch) {
+    release_held(ports, dl);
     std::hint::spin_loop();
 }

@@ -12,7 +12,7 @@ use crossbeam_queue::ArrayQueue;
 use super::adaptive::Sleep;
 use super::command::{Command, Reply, Returned};
 use super::pipeline::Role;
-use super::{Model, Pmd, Rxq, MAX_RXQS};
+use super::{Model, Pmd, SourceQueue, MAX_SOURCES};
 use crate::dev::epoll::{Waiter, Waker};
 use crate::net::features::NetFeatures;
 use crate::net::l2::MacTable;
@@ -34,8 +34,8 @@ pub enum PmdError {
     Unresponsive(usize),
     #[error("port id {0} is beyond the switch's {MAX_PORTS} ports")]
     PortId(u16),
-    #[error("PMD on core {0} already polls {MAX_RXQS} rx queues")]
-    TooManyRxqs(usize),
+    #[error("PMD on core {0} already polls {MAX_SOURCES} source queues")]
+    TooManySources(usize),
 }
 
 pub(super) struct Shared {
@@ -166,22 +166,24 @@ impl PmdHandle {
         self.call(|r| Command::AddPort(port, r)).map(drop)
     }
 
-    /// Let go of a port (its rx queues must have been removed first).
+    /// Let go of a port (its source queues must have been removed first).
     pub fn remove_port(&self, port: PortId) -> Result<(), PmdError> {
         self.call(|r| Command::RemovePort(port, r)).map(drop)
     }
 
-    /// Start polling an rx queue.
-    pub fn add_rxq(&self, rxq: Rxq) -> Result<(), PmdError> {
-        self.call(|r| Command::AddRxq(rxq, r)).map(drop)
+    /// Start polling a source queue.
+    pub fn add_source(&self, sq: SourceQueue) -> Result<(), PmdError> {
+        self.call(|r| Command::AddSource(sq, r)).map(drop)
     }
 
-    /// Stop polling an rx queue; returns it once the PMD no longer touches it.
-    pub fn remove_rxq(&self, port: PortId, queue: u16) -> Result<Option<Rxq>, PmdError> {
-        Ok(match self.call(|r| Command::RemoveRxq(port, queue, r))? {
-            Some(Returned::Rxq(q)) => Some(q),
-            _ => None,
-        })
+    /// Stop polling a source queue; returns it once the PMD no longer touches it.
+    pub fn remove_source(&self, port: PortId, queue: u16) -> Result<Option<SourceQueue>, PmdError> {
+        Ok(
+            match self.call(|r| Command::RemoveSource(port, queue, r))? {
+                Some(Returned::SourceQueue(q)) => Some(q),
+                _ => None,
+            },
+        )
     }
 
     /// Install (Some) or detach (None) the ring of guest RX queue `queue` of `port`, between

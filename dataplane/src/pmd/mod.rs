@@ -1,10 +1,10 @@
-//! PMD threads: a pinned, busy-polling loop over the rx queues assigned to it (guest TX queues,
+//! PMD threads: a pinned, busy-polling loop over the source queues assigned to it (guest TX queues,
 //! DPDK RX queues, tap queues), which in the adaptive model sleeps when idle. It switches each frame by destination MAC and copies it straight
 //! into the destination (a guest's RX buffers, an mbuf, a tap `writev`), whichever PMD polls the
-//! destination's own rx queues: destinations are shared (`Port`), each queue behind a lock held
+//! destination's own source queues: destinations are shared (`Port`), each queue behind a lock held
 //! for one burst. Control talks to a PMD only through a bounded command queue drained between
 //! bursts; each command is acknowledged after the PMD applied it, which is the quiescent point
-//! control waits for before it answers GET_VRING_BASE, unmaps memory, moves an rx queue to
+//! control waits for before it answers GET_VRING_BASE, unmaps memory, moves a source queue to
 //! another PMD or tears a port down. Between bursts a PMD holds no destination lock.
 
 mod adaptive;
@@ -36,12 +36,12 @@ use crate::dev::tap::TAP_HDR_LEN;
 use crate::net::features::NetFeatures;
 use crate::net::l2::{MacCache, MacTable};
 use crate::port::lock::pmd_holder;
-use crate::port::RxScratch;
+use crate::port::DeliveryScratch;
 use crate::virtq::Virtq;
 use crate::{PortId, MAX_FRAME, MAX_PORTS};
 
-/// Rx queues one PMD can poll.
-pub const MAX_RXQS: usize = 1024;
+/// Source queues one PMD can poll.
+pub const MAX_SOURCES: usize = 1024;
 
 /// How a PMD spends the time it has nothing to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -50,24 +50,24 @@ pub enum Model {
     #[default]
     Rtc,
     /// Busy-poll; after `idle_us` without a frame, ask the guests to kick, sleep on the kick
-    /// eventfds (and tap fds), and poll again once one fires. A PMD with a DPDK rx queue keeps
+    /// eventfds (and tap fds), and poll again once one fires. A PMD with a DPDK source queue keeps
     /// polling (the vdevs here have no rx interrupts).
     Adaptive { idle_us: u32 },
-    /// The last `tx_pmds` PMDs only switch and deliver; the others poll the rx queues and
+    /// The last `tx_pmds` PMDs only switch and deliver; the others poll the source queues and
     /// hand guests' frames over to them (copied, in batches through `ArrayQueue`s).
     Pipeline { tx_pmds: u16 },
 }
 
-/// Busy cycles and packets of one rx queue: written by the PMD polling it, read by control
-/// (`pmd-rxq-show`, the `cycles` assignment, auto-rebalance). Travels with the queue.
+/// Busy cycles and packets of one source queue: written by the PMD polling it, read by control
+/// (`pmd-sq-show`, the `cycles` assignment, auto-rebalance). Travels with the queue.
 #[repr(align(64))]
 #[derive(Default, Debug)]
-pub struct RxqLoad {
+pub struct SourceLoad {
     pub busy_cycles: AtomicU64,
     pub packets: AtomicU64,
 }
 
-/// Where an rx queue's frames come from.
+/// Where a source queue's frames come from.
 pub enum Source {
     /// A guest's TX virtqueue, with the features negotiated when it started and the eventfd
     /// the guest kicks (when asked to: only an adaptive PMD about to sleep asks).
@@ -77,26 +77,26 @@ pub enum Source {
         kick: Option<File>,
     },
     /// RX queue `queue` of the port's DPDK device.
-    Eth,
+    Dpdk,
     /// Tap queue `queue` of the port.
     Tap,
 }
 
-/// One rx queue, as the PMD polling it holds it. Moving it to another PMD moves this value
+/// One source queue, as the PMD polling it holds it. Moving it to another PMD moves this value
 /// (the ring and its position), so no frame is lost or taken twice.
-pub struct Rxq {
+pub struct SourceQueue {
     pub port: PortId,
     /// Queue pair (vhost-user) or queue number (devices).
     pub queue: u16,
     pub source: Source,
-    pub load: Arc<RxqLoad>,
+    pub load: Arc<SourceLoad>,
     /// Frames moved by its last burst.
     burst: u32,
 }
 
-impl Rxq {
-    pub fn new(port: PortId, queue: u16, source: Source, load: Arc<RxqLoad>) -> Rxq {
-        Rxq {
+impl SourceQueue {
+    pub fn new(port: PortId, queue: u16, source: Source, load: Arc<SourceLoad>) -> SourceQueue {
+        SourceQueue {
             port,
             queue,
             source,
@@ -109,8 +109,8 @@ impl Rxq {
 /// The PMD's own state; lives on the PMD thread only.
 struct Pmd {
     shared: Arc<Shared>,
-    /// The rx queues it polls (capacity MAX_RXQS: adding never allocates).
-    rxqs: Vec<Rxq>,
+    /// The source queues it polls (capacity MAX_SOURCES: adding never allocates).
+    sources: Vec<SourceQueue>,
     fwd: Fwd,
     /// The thread has a DPDK lcore id (mempool caches); done once the first DPDK port arrives.
     dpdk_registered: bool,
@@ -124,14 +124,14 @@ impl Pmd {
     fn new(shared: Arc<Shared>, index: usize, macs: Arc<MacTable>) -> Pmd {
         Pmd {
             shared,
-            rxqs: Vec::with_capacity(MAX_RXQS),
+            sources: Vec::with_capacity(MAX_SOURCES),
             fwd: Fwd {
                 fabric: Fabric {
                     ports: (0..MAX_PORTS).map(|_| None).collect(),
                     active: Vec::with_capacity(MAX_PORTS),
                     macs,
                     mac_cache: MacCache::new(pmd_holder(index)),
-                    rx: RxScratch::new(pmd_holder(index)),
+                    dl: DeliveryScratch::new(pmd_holder(index)),
                 },
                 src: Box::default(),
                 mbufs: MbufBurst::default(),
@@ -181,7 +181,7 @@ impl Pmd {
         }
     }
 
-    /// One pass over every rx queue; returns the frames moved and the busy cycles that took.
+    /// One pass over every source queue; returns the frames moved and the busy cycles that took.
     /// `t`: the TSC at the start, advanced to the end of the pass if it moved frames.
     ///
     /// The pass's cycles are shared among the queues by the frames each moved: reading the
@@ -190,9 +190,9 @@ impl Pmd {
     #[inline]
     fn poll_all(&mut self, t: &mut u64) -> (usize, u64) {
         let (mut moved, mut busy_queues) = (0, 0);
-        for i in 0..self.rxqs.len() {
+        for i in 0..self.sources.len() {
             let n = self.poll(i);
-            self.rxqs[i].burst = n as u32;
+            self.sources[i].burst = n as u32;
             if n > 0 {
                 moved += n;
                 busy_queues += 1;
@@ -207,7 +207,7 @@ impl Pmd {
         let t1 = tsc::now();
         let busy = t1.wrapping_sub(*t);
         *t = t1;
-        for q in self.rxqs.iter().filter(|q| q.burst > 0) {
+        for q in self.sources.iter().filter(|q| q.burst > 0) {
             let share = match busy_queues {
                 1 => busy,
                 // One iteration's cycles times a burst is far from overflowing; a u128
@@ -220,13 +220,13 @@ impl Pmd {
         (moved, busy)
     }
 
-    /// One burst from rx queue `i`; what it delivered is published (and the destination
+    /// One burst from source queue `i`; what it delivered is published (and the destination
     /// queues let go) before it returns.
     #[inline]
     fn poll(&mut self, i: usize) -> usize {
-        let rxq = &mut self.rxqs[i];
-        let (port, queue) = (rxq.port, rxq.queue);
-        let n = match &mut rxq.source {
+        let sq = &mut self.sources[i];
+        let (port, queue) = (sq.port, sq.queue);
+        let n = match &mut sq.source {
             Source::Vhost { ring, features, .. } if self.role.is_some() => {
                 hand_off(&mut self.fwd, &self.role, port, queue, ring, *features)
             }
@@ -234,7 +234,7 @@ impl Pmd {
                 Virtq::Split(r) => self.fwd.switch_ring(port, queue, r, *features),
                 Virtq::Packed(r) => self.fwd.switch_packed(port, queue, r, *features),
             },
-            Source::Eth => self.fwd.eth_burst(port, queue),
+            Source::Dpdk => self.fwd.dpdk_burst(port, queue),
             Source::Tap => self.fwd.tap_burst(port, queue as usize),
         };
         self.fwd.fabric.release_held();

@@ -28,7 +28,7 @@ pub const INBOX: usize = 256;
 
 pub type Queue = ArrayQueue<Box<Batch>>;
 
-/// One burst of copied frames from one rx queue.
+/// One burst of copied frames from one source queue.
 pub struct Batch {
     pub src: PortId,
     pub queue: u16,
@@ -82,7 +82,7 @@ pub fn free_list() -> Arc<Queue> {
 
 /// A PMD's part in the pipeline.
 pub enum Role {
-    /// Polls rx queues; hands guests' frames to the tx PMDs (source `i` to inbox `i % n`).
+    /// Polls source queues; hands guests' frames to the tx PMDs (source `i` to inbox `i % n`).
     Rx {
         inboxes: Vec<Arc<Queue>>,
         free: Arc<Queue>,

@@ -6,9 +6,9 @@ use crossbeam_queue::ArrayQueue;
 
 use super::command::{Command, Reply, Returned};
 use super::*;
-use crate::port::lock::TxLock;
+use crate::port::lock::DestLock;
 use crate::port::Port;
-use crate::port::{VhostPort, VhostRxq};
+use crate::port::{GuestRxq, VhostPort};
 use crate::stats::PmdStats;
 use crate::virtq::mock::MockGuest;
 use crate::virtq::VIRTQ_DESC_F_NEXT;
@@ -60,7 +60,7 @@ fn switch_with_queues(features: &[NetFeatures], qsize: u16) -> (Pmd, Vec<Guest>)
         let Port::Vhost(p) = &mut port else {
             unreachable!()
         };
-        *p.rx[0].get_mut() = VhostRxq {
+        *p.rx[0].get_mut() = GuestRxq {
             ring: Some(Box::new(g.rx.ring(false).into())),
             features: f,
         };
@@ -70,8 +70,8 @@ fn switch_with_queues(features: &[NetFeatures], qsize: u16) -> (Pmd, Vec<Guest>)
             features: f,
             kick: None,
         };
-        pmd.apply(Command::AddRxq(
-            Rxq::new(id, 0, source, Arc::default()),
+        pmd.apply(Command::AddSource(
+            SourceQueue::new(id, 0, source, Arc::default()),
             reply(),
         ));
         guests.push(g);
@@ -95,17 +95,17 @@ fn a_withdrawn_command_is_never_applied() {
     };
     let r = reply();
     assert!(r.cancel());
-    pmd.apply(Command::AddRxq(
-        Rxq::new(PortId(0), 1, source, Arc::default()),
+    pmd.apply(Command::AddSource(
+        SourceQueue::new(PortId(0), 1, source, Arc::default()),
         r.clone(),
     ));
-    assert_eq!(pmd.rxqs.len(), 1, "only the queue added before");
+    assert_eq!(pmd.sources.len(), 1, "only the queue added before");
     assert!(!r.is_done());
     let r = reply();
-    pmd.apply(Command::RemoveRxq(PortId(0), 0, r.clone()));
+    pmd.apply(Command::RemoveSource(PortId(0), 0, r.clone()));
     assert!(r.is_done() && !r.cancel(), "applied: too late to withdraw");
-    assert!(pmd.rxqs.is_empty());
-    assert!(matches!(r.returned.pop(), Some(Returned::Rxq(_))));
+    assert!(pmd.sources.is_empty());
+    assert!(matches!(r.returned.pop(), Some(Returned::SourceQueue(_))));
 }
 
 impl Pmd {
@@ -117,18 +117,22 @@ impl Pmd {
 /// The counters of port `port`'s guest TX queue (`tx`) or RX queue.
 fn stats(pmd: &Pmd, port: usize, tx: bool) -> crate::stats::QueueCounters {
     if tx {
-        let q = pmd.rxqs.iter().find(|q| q.port.0 as usize == port).unwrap();
+        let q = pmd
+            .sources
+            .iter()
+            .find(|q| q.port.0 as usize == port)
+            .unwrap();
         let Source::Vhost { ring, .. } = &q.source else {
             panic!()
         };
         return ring.stats().snapshot();
     }
-    rx_queue(pmd, port).with(pmd.fwd.fabric.rx.me, |q| {
+    rx_queue(pmd, port).with(pmd.fwd.fabric.dl.me, |q| {
         q.ring.as_ref().unwrap().stats().snapshot()
     })
 }
 
-fn rx_queue(pmd: &Pmd, port: usize) -> &TxLock<VhostRxq> {
+fn rx_queue(pmd: &Pmd, port: usize) -> &DestLock<GuestRxq> {
     let Some(Port::Vhost(p)) = pmd.fwd.fabric.ports[port].as_deref() else {
         panic!("port {port} is not a vhost port")
     };
@@ -414,7 +418,7 @@ fn a_logged_ring_marks_the_pages_it_writes() {
     let file = memfd(0x100);
     let log = DirtyLog::map(file.try_clone().unwrap(), 0x100, 0).unwrap();
     let ring = Box::new(g[1].rx.ring(false).with_log(log, None).into());
-    rx_queue(&pmd, 1).with(pmd.fwd.fabric.rx.me, |q| q.ring = Some(ring));
+    rx_queue(&pmd, 1).with(pmd.fwd.fabric.dl.me, |q| q.ring = Some(ring));
     // One 9000-byte buffer at 0x10_0000 (pages 0x100..=0x102); 5012 bytes are written.
     g[1].rx.add_rx(&[9000]);
     g[0].tx.add_chain(&[frame(0xff, 0x11, 5000)], 0);

@@ -1,12 +1,12 @@
 //! Delivering one frame, as every PMD does it: the outcome (`Delivery`), the per-PMD scratch
-//! that holds destination queues until the burst is flushed (`RxScratch`), and delivery of a
+//! that holds destination queues until the burst is flushed (`DeliveryScratch`), and delivery of a
 //! frame whose offloads the destination does not take (finished in software first). PMD
 //! threads.
 
 use crate::mem::copy::PendingCopies;
 use crate::mem::seg::SegList;
 use crate::net::offload::{self, Frame, SoftScratch};
-use crate::port::lock::{Holder, TxLock};
+use crate::port::lock::{DestLock, Holder};
 use crate::stats::QueueStats;
 use crate::PortId;
 
@@ -18,9 +18,9 @@ pub const MAX_RX_CHAINS: usize = 64;
 #[cold]
 pub(crate) fn deliver_finished(
     f: &Frame,
-    scratch: &mut RxScratch,
+    scratch: &mut DeliveryScratch,
     stats: &QueueStats,
-    mut each: impl FnMut(&Frame, &mut RxScratch) -> Delivery,
+    mut each: impl FnMut(&Frame, &mut DeliveryScratch) -> Delivery,
 ) -> Delivery {
     let Some(mut soft) = scratch.soft.take() else {
         return Delivery::Refused;
@@ -58,7 +58,7 @@ pub enum Delivery {
 }
 
 /// Scratch space for deliveries, one per PMD.
-pub struct RxScratch {
+pub struct DeliveryScratch {
     /// Chains reserved for the frame being delivered into a guest RX queue.
     pub(crate) chains: Box<[SegList]>,
     /// This PMD, as a lock holder.
@@ -83,9 +83,9 @@ pub struct RxScratch {
     pub demote_sources: bool,
 }
 
-impl RxScratch {
+impl DeliveryScratch {
     pub fn new(me: Holder) -> Self {
-        RxScratch {
+        DeliveryScratch {
             chains: (0..MAX_RX_CHAINS).map(|_| SegList::default()).collect(),
             me,
             held: Vec::with_capacity(crate::MAX_PORTS * 2),
@@ -110,7 +110,7 @@ impl RxScratch {
         &mut self,
         port: PortId,
         q: usize,
-        lock: &'a TxLock<T>,
+        lock: &'a DestLock<T>,
     ) -> Option<&'a mut T> {
         if !lock.held_by(self.me) {
             if !lock.try_hold(self.me) {

@@ -1,4 +1,4 @@
-//! A DPDK Ethernet port as the PMDs share it (`EthPort`): control builds it around an opened
+//! A DPDK Ethernet port as the PMDs share it (`DpdkPort`): control builds it around an opened
 //! device; every PMD delivers into it (one copy into an mbuf, sent at the end of the burst,
 //! through the TX queue of its own number), one PMD polls each RX queue.
 
@@ -7,16 +7,16 @@ use std::sync::Arc;
 use crate::dev::dpdk::{EthDev, MbufBurst};
 use crate::mem::copy::{gather, PendingCopies};
 use crate::net::offload::Frame;
-use crate::port::delivery::{deliver_finished, Delivery, RxScratch};
-use crate::port::lock::TxLock;
+use crate::port::delivery::{deliver_finished, Delivery, DeliveryScratch};
+use crate::port::lock::DestLock;
 use crate::stats::QueueStats;
 use crate::PortId;
 
-/// The largest frame whose lines `EthTxq::push` demotes: a small frame, as for deferred copies.
+/// The largest frame whose lines `DpdkTxq::push` demotes: a small frame, as for deferred copies.
 const DEMOTE_MAX: u32 = PendingCopies::MAX_LEN;
 
 /// One TX queue of a DPDK port, held by a PMD for a burst.
-pub struct EthTxq {
+pub struct DpdkTxq {
     queue: u16,
     /// Fresh mbufs from the port's pool, taken in bulk.
     fresh: MbufBurst,
@@ -26,34 +26,34 @@ pub struct EthTxq {
     stats: Arc<QueueStats>,
 }
 
-pub struct EthPort {
+pub struct DpdkPort {
     pub id: PortId,
     // Field order is drop order: the mbufs go back to their pool before `dev` (which holds the
     // pool) goes.
     /// TX queues: PMD number i sends on queue i modulo their number (its own queue when there
     /// are as many as PMDs; shared, and then contended, when fewer).
-    pub tx: Box<[TxLock<EthTxq>]>,
+    pub tx: Box<[DestLock<DpdkTxq>]>,
     pub dev: EthDev,
     pub rx_queues: u16,
     /// Per RX queue: frames taken from the port.
     pub from_port: Box<[Arc<QueueStats>]>,
 }
 
-impl EthPort {
+impl DpdkPort {
     /// `to_port` and `from_port`: counters per TX and per RX queue.
     pub fn new(
         id: PortId,
         dev: EthDev,
         to_port: Vec<Arc<QueueStats>>,
         from_port: Box<[Arc<QueueStats>]>,
-    ) -> EthPort {
-        EthPort {
+    ) -> DpdkPort {
+        DpdkPort {
             id,
             tx: to_port
                 .into_iter()
                 .enumerate()
                 .map(|(q, stats)| {
-                    TxLock::new(EthTxq {
+                    DestLock::new(DpdkTxq {
                         queue: q as u16,
                         fresh: MbufBurst::default(),
                         pending: MbufBurst::default(),
@@ -70,7 +70,7 @@ impl EthPort {
 
     /// Copy a frame into a fresh mbuf of the PMD's TX queue, sent when the burst is flushed.
     #[inline]
-    pub(crate) fn deliver(&self, f: &Frame, scratch: &mut RxScratch) -> Delivery {
+    pub(crate) fn deliver(&self, f: &Frame, scratch: &mut DeliveryScratch) -> Delivery {
         // No division in the usual case of a queue per PMD (it is on every frame's path).
         let pmd = scratch.pmd_index();
         let q = if pmd < self.tx.len() {
@@ -95,9 +95,9 @@ impl EthPort {
     }
 }
 
-impl EthTxq {
+impl DpdkTxq {
     /// Copy `f` into an mbuf and queue it; `demote`: then demote the lines it came from, if
-    /// a small frame (see `RxScratch::demote_sources`).
+    /// a small frame (see `DeliveryScratch::demote_sources`).
     #[inline]
     fn push(&mut self, dev: &EthDev, f: &Frame, demote: bool) -> Delivery {
         let s = &self.stats;

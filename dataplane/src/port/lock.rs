@@ -23,7 +23,7 @@ pub fn pmd_holder(index: usize) -> Holder {
 }
 
 #[repr(align(64))]
-pub struct TxLock<T> {
+pub struct DestLock<T> {
     holder: AtomicU32,
     exclusive: bool,
     inner: UnsafeCell<T>,
@@ -31,11 +31,11 @@ pub struct TxLock<T> {
 
 // SAFETY: `inner` is reached only through `get` by the current holder (or through `&mut self`),
 // and the Acquire/Release pair on `holder` orders one holder's accesses before the next one's.
-unsafe impl<T: Send> Sync for TxLock<T> {}
+unsafe impl<T: Send> Sync for DestLock<T> {}
 
-impl<T> TxLock<T> {
+impl<T> DestLock<T> {
     pub fn new(v: T) -> Self {
-        TxLock {
+        DestLock {
             holder: AtomicU32::new(FREE),
             exclusive: false,
             inner: UnsafeCell::new(v),
@@ -106,7 +106,7 @@ mod tests {
 
     #[test]
     fn holders_exclude_each_other() {
-        let l = TxLock::new(0u64);
+        let l = DestLock::new(0u64);
         assert!(l.try_hold(pmd_holder(0)));
         assert!(l.held_by(pmd_holder(0)));
         assert!(!l.try_hold(pmd_holder(1)));
@@ -117,7 +117,7 @@ mod tests {
 
     #[test]
     fn increments_under_the_lock_are_not_lost() {
-        let l = Arc::new(TxLock::new(0u64));
+        let l = Arc::new(DestLock::new(0u64));
         let threads: Vec<_> = (0..2)
             .map(|i| {
                 let l = l.clone();

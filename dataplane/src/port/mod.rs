@@ -1,7 +1,7 @@
 //! Ports as the PMDs share them (`Port`): the side frames are delivered into, each destination
-//! queue behind a `TxLock` (lock.rs) a PMD holds for a burst, dispatched here to its kind: a
+//! queue behind a `DestLock` (lock.rs) a PMD holds for a burst, dispatched here to its kind: a
 //! guest's RX queues (vhost.rs), a DPDK port (dpdk.rs), a tap (tap.rs). How one delivery goes
-//! and what a PMD holds meanwhile: delivery.rs. The source side (a PMD's rx queues) is pmd/.
+//! and what a PMD holds meanwhile: delivery.rs. The source side (a PMD's source queues) is pmd/.
 
 pub mod delivery;
 pub mod dpdk;
@@ -9,11 +9,11 @@ pub mod lock;
 pub mod tap;
 pub mod vhost;
 
-pub use delivery::{Delivery, RxScratch};
-use dpdk::EthPort;
+pub use delivery::{Delivery, DeliveryScratch};
+use dpdk::DpdkPort;
 use lock::Holder;
 use tap::TapPort;
-pub use vhost::{VhostPort, VhostRxq};
+pub use vhost::{GuestRxq, VhostPort};
 
 use crate::net::features::NetFeatures;
 use crate::net::offload::Frame;
@@ -25,7 +25,7 @@ use crate::PortId;
 /// control, handed to every PMD, handed back to control for teardown once all let go.
 pub enum Port {
     Vhost(VhostPort),
-    Eth(EthPort),
+    Dpdk(DpdkPort),
     Tap(TapPort),
 }
 
@@ -33,7 +33,7 @@ impl Port {
     pub fn id(&self) -> PortId {
         match self {
             Port::Vhost(p) => p.id,
-            Port::Eth(p) => p.id,
+            Port::Dpdk(p) => p.id,
             Port::Tap(p) => p.id,
         }
     }
@@ -44,7 +44,7 @@ impl Port {
     pub fn set_exclusive(&mut self, n_pmds: usize) {
         match self {
             Port::Vhost(p) => p.rx.iter_mut().for_each(|l| l.set_exclusive(n_pmds == 1)),
-            Port::Eth(p) => {
+            Port::Dpdk(p) => {
                 let own = p.tx.len() >= n_pmds;
                 p.tx.iter_mut().for_each(|l| l.set_exclusive(own))
             }
@@ -77,10 +77,10 @@ impl Port {
     /// `scratch.held`, until the caller flushes it. A frame whose offloads the port does not
     /// take is finished in software first (offload.rs).
     #[inline]
-    pub fn deliver(&self, f: &Frame, scratch: &mut RxScratch) -> Delivery {
+    pub fn deliver(&self, f: &Frame, scratch: &mut DeliveryScratch) -> Delivery {
         match self {
             Port::Vhost(p) => p.deliver(f, scratch),
-            Port::Eth(p) => p.deliver(f, scratch),
+            Port::Dpdk(p) => p.deliver(f, scratch),
             Port::Tap(p) => p.deliver(f),
         }
     }
@@ -101,7 +101,7 @@ impl Port {
                 }
                 l.release();
             }
-            Port::Eth(p) => {
+            Port::Dpdk(p) => {
                 let l = &p.tx[q];
                 // SAFETY: held, per the contract.
                 unsafe { l.get() }.flush(p.dev.port_id);
@@ -115,7 +115,7 @@ impl Port {
     pub fn from_port(&self, q: usize) -> Option<&QueueStats> {
         match self {
             Port::Vhost(_) => None,
-            Port::Eth(p) => p.from_port.get(q).map(|s| &**s),
+            Port::Dpdk(p) => p.from_port.get(q).map(|s| &**s),
             Port::Tap(p) => p.from_port.get(q).map(|s| &**s),
         }
     }

@@ -5,8 +5,8 @@
 use crate::mem::copy::{PendingCopies, Writer};
 use crate::net::features::NetFeatures;
 use crate::net::offload::Frame;
-use crate::port::delivery::{deliver_finished, Delivery, RxScratch, MAX_RX_CHAINS};
-use crate::port::lock::TxLock;
+use crate::port::delivery::{deliver_finished, Delivery, DeliveryScratch, MAX_RX_CHAINS};
+use crate::port::lock::DestLock;
 use crate::port::Port;
 use crate::virtq::{PackedRing, VirtQueue, Virtq};
 use crate::PortId;
@@ -18,20 +18,20 @@ const RX_PREFETCH_AHEAD: u16 = 8;
 /// frame; past that the hardware's stream prefetcher has caught up.
 const PREFETCH_FRAME_MAX: u32 = 2048;
 
-/// A guest RX queue as the PMDs deliver into it (behind its `TxLock`).
+/// A guest RX queue as the PMDs deliver into it (behind its `DestLock`).
 #[derive(Default)]
-pub struct VhostRxq {
+pub struct GuestRxq {
     pub ring: Option<Box<Virtq>>,
     /// What the guest negotiated when the ring was started.
     pub features: NetFeatures,
 }
 
 /// A vhost-user port's delivery side: the guest's RX queues (even virtqueue indices), each
-/// behind a lock any PMD may take for a burst. Its TX queues are sources (`pmd::Rxq`), each
+/// behind a lock any PMD may take for a burst. Its TX queues are sources (`pmd::SourceQueue`), each
 /// polled by one PMD.
 pub struct VhostPort {
     pub id: PortId,
-    pub rx: Box<[TxLock<VhostRxq>]>,
+    pub rx: Box<[DestLock<GuestRxq>]>,
 }
 
 impl VhostPort {
@@ -40,7 +40,7 @@ impl VhostPort {
         Port::Vhost(VhostPort {
             id,
             rx: (0..queue_pairs)
-                .map(|_| TxLock::new(VhostRxq::default()))
+                .map(|_| DestLock::new(GuestRxq::default()))
                 .collect(),
         })
     }
@@ -48,7 +48,7 @@ impl VhostPort {
     /// Into an RX queue: the running one numbered as the queue the frame came from (modulo
     /// the guest's queues), or the next running one.
     #[inline]
-    pub(crate) fn deliver(&self, f: &Frame, scratch: &mut RxScratch) -> Delivery {
+    pub(crate) fn deliver(&self, f: &Frame, scratch: &mut DeliveryScratch) -> Delivery {
         let n = self.rx.len();
         let first = f.queue_among(n);
         for i in 0..n {
@@ -86,7 +86,7 @@ fn fill_counted<R: VirtQueue>(
     ring: &mut R,
     features: NetFeatures,
     f: &Frame,
-    scratch: &mut RxScratch,
+    scratch: &mut DeliveryScratch,
 ) -> Delivery {
     let result = fill(ring, features, f, scratch);
     let s = ring.stats();
@@ -109,7 +109,7 @@ fn fill_packed(
     ring: &mut PackedRing,
     features: NetFeatures,
     f: &Frame,
-    scratch: &mut RxScratch,
+    scratch: &mut DeliveryScratch,
 ) -> Delivery {
     fill_counted(ring, features, f, scratch)
 }
@@ -149,7 +149,7 @@ fn fill<R: VirtQueue>(
     ring: &mut R,
     features: NetFeatures,
     f: &Frame,
-    scratch: &mut RxScratch,
+    scratch: &mut DeliveryScratch,
 ) -> Result<(), RxDrop> {
     let hdr_len = features.hdr_len as u32;
     let need = hdr_len + f.len;

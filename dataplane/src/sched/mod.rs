@@ -1,5 +1,5 @@
-//! The PMDs as one switch, from control's side: which PMD polls which rx queue, and moving
-//! queues between them. Policies as OVS-DPDK's `pmd-rxq-assign`: `roundrobin` deals queues out
+//! The PMDs as one switch, from control's side: which PMD polls which source queue, and moving
+//! queues between them. Policies as OVS-DPDK's `pmd-sq-assign`: `roundrobin` deals queues out
 //! in order, `cycles` gives the busiest queues first to the least loaded PMD (by measured busy
 //! cycles); a queue pinned to a core in its port file goes there, and that PMD then takes no
 //! other queue (OVS's isolation). Auto-rebalance, as OVS's `pmd-auto-lb`: when the busiest PMD
@@ -18,17 +18,17 @@ use crossbeam_queue::ArrayQueue;
 
 use crate::net::features::NetFeatures;
 use crate::pmd::pipeline::{self, Role};
-use crate::pmd::{Model, PmdError, PmdHandle, Rxq, RxqLoad, Source, MAX_RXQS};
+use crate::pmd::{Model, PmdError, PmdHandle, Source, SourceLoad, SourceQueue, MAX_SOURCES};
 use crate::port::Port;
 use crate::stats::PmdCounters;
 use crate::virtq::Virtq;
 use crate::{CoreId, PortId, QueueIdx, MAX_PORTS};
 
 const MAC_TABLE_SIZE: usize = 8192;
-/// Loads are measured over windows this long (`pmd-rxq-show`, `cycles`, auto-rebalance).
+/// Loads are measured over windows this long (`pmd-sq-show`, `cycles`, auto-rebalance).
 const WINDOW: Duration = Duration::from_secs(1);
 
-/// How rx queues that are not pinned are spread over the PMDs.
+/// How source queues that are not pinned are spread over the PMDs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Assign {
     #[default]
@@ -48,7 +48,7 @@ pub struct AutoLb {
     pub interval: Duration,
 }
 
-/// One rx queue as control knows it.
+/// One source queue as control knows it.
 struct Entry {
     port: PortId,
     queue: u16,
@@ -58,16 +58,16 @@ struct Entry {
     pinned: Option<usize>,
     /// Polled now (a guest queue not started is only remembered).
     running: bool,
-    load: Arc<RxqLoad>,
+    load: Arc<SourceLoad>,
     /// `load.busy_cycles` at the start of the current window, and the busy cycles of the last
     /// full window.
     mark: u64,
     window_busy: u64,
 }
 
-/// What `pmd-rxq-show` prints for one queue.
+/// What `pmd-sq-show` prints for one queue.
 #[derive(Debug, Clone)]
-pub struct RxqInfo {
+pub struct SourceQueueInfo {
     pub port: PortId,
     pub queue: u16,
     pub core: CoreId,
@@ -82,7 +82,7 @@ pub struct RxqInfo {
 pub struct PmdInfo {
     pub core: CoreId,
     pub counters: PmdCounters,
-    pub rxqs: usize,
+    pub sources: usize,
     pub isolated: bool,
     /// Busy share over the last window, in percent.
     pub busy_pct: f64,
@@ -90,11 +90,11 @@ pub struct PmdInfo {
 
 struct State {
     ports: Vec<Option<Arc<Port>>>,
-    /// Per PMD: a pipeline tx PMD, which polls no rx queue.
+    /// Per PMD: a pipeline tx PMD, which polls no source queue.
     tx_only: Vec<bool>,
-    /// Per port: the core each rx queue is pinned to (by queue number; shorter: not pinned).
+    /// Per port: the core each source queue is pinned to (by queue number; shorter: not pinned).
     affinity: Vec<Vec<usize>>,
-    rxqs: Vec<Entry>,
+    sources: Vec<Entry>,
     /// Per PMD: counters at the start of the window, and busy / total cycles of the last one.
     pmd_mark: Vec<PmdCounters>,
     pmd_window: Vec<(u64, u64)>,
@@ -116,7 +116,7 @@ pub struct Dataplane {
 pub enum PinError {
     #[error("core {0} runs no PMD")]
     NoPmd(usize),
-    #[error("the port has no rx queue {0} (a guest's queue exists once it started)")]
+    #[error("the port has no source queue {0} (a guest's queue exists once it started)")]
     NoQueue(u16),
     #[error(transparent)]
     Pmd(#[from] PmdError),
@@ -169,7 +169,7 @@ impl Dataplane {
             state: Mutex::new(State {
                 ports: (0..MAX_PORTS).map(|_| None).collect(),
                 affinity: vec![Vec::new(); MAX_PORTS],
-                rxqs: Vec::new(),
+                sources: Vec::new(),
                 pmd_mark: pmds.iter().map(|p| p.stats().snapshot()).collect(),
                 pmd_window: vec![(0, 0); pmds.len()],
                 tx_only: (0..pmds.len()).map(|i| i >= first_tx).collect(),
@@ -197,7 +197,7 @@ impl Dataplane {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Make `port` a destination of every PMD. Its rx queues are added with `add_rxq`;
+    /// Make `port` a destination of every PMD. Its source queues are added with `add_source`;
     /// `affinity[q]` is the core queue q is pinned to (the port file's `pmd_rxq_affinity`).
     pub fn add_port(&self, port: Port, affinity: &[usize]) -> Result<(), PmdError> {
         let id = port.id();
@@ -224,22 +224,22 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Remove a port: its rx queues first, then every PMD lets go of it, and only then is it
+    /// Remove a port: its source queues first, then every PMD lets go of it, and only then is it
     /// returned (to be dropped on control: guest memory unmapped, device closed).
     pub fn remove_port(&self, id: PortId) -> Result<Option<Port>, PmdError> {
         let mut st = self.state();
         let mine: Vec<(u16, usize, bool)> = st
-            .rxqs
+            .sources
             .iter()
             .filter(|e| e.port == id)
             .map(|e| (e.queue, e.pmd, e.running))
             .collect();
         for (queue, pmd, running) in mine {
             if running {
-                drop(self.pmds[pmd].remove_rxq(id, queue)?);
+                drop(self.pmds[pmd].remove_source(id, queue)?);
             }
         }
-        st.rxqs.retain(|e| e.port != id);
+        st.sources.retain(|e| e.port != id);
         for pmd in &self.pmds {
             pmd.remove_port(id)?;
         }
@@ -249,12 +249,12 @@ impl Dataplane {
         Ok(port.and_then(Arc::into_inner))
     }
 
-    /// Start polling rx queue `queue` of `port` (the port was added). A queue that ran before
+    /// Start polling source queue `queue` of `port` (the port was added). A queue that ran before
     /// goes back to the PMD it had.
-    pub fn add_rxq(&self, port: PortId, queue: u16, source: Source) -> Result<(), PmdError> {
+    pub fn add_source(&self, port: PortId, queue: u16, source: Source) -> Result<(), PmdError> {
         let mut st = self.state();
         let i = match st
-            .rxqs
+            .sources
             .iter()
             .position(|e| e.port == port && e.queue == queue)
         {
@@ -267,7 +267,7 @@ impl Dataplane {
                     Some(p) => p,
                     None => self.least_loaded(&st),
                 };
-                st.rxqs.push(Entry {
+                st.sources.push(Entry {
                     port,
                     queue,
                     pmd,
@@ -277,38 +277,44 @@ impl Dataplane {
                     mark: 0,
                     window_busy: 0,
                 });
-                st.rxqs.len() - 1
+                st.sources.len() - 1
             }
         };
-        let pmd = st.rxqs[i].pmd;
-        if st.rxqs.iter().filter(|e| e.pmd == pmd && e.running).count() >= MAX_RXQS {
-            return Err(PmdError::TooManyRxqs(self.pmds[pmd].core().0));
+        let pmd = st.sources[i].pmd;
+        if st
+            .sources
+            .iter()
+            .filter(|e| e.pmd == pmd && e.running)
+            .count()
+            >= MAX_SOURCES
+        {
+            return Err(PmdError::TooManySources(self.pmds[pmd].core().0));
         }
-        let e = &mut st.rxqs[i];
-        self.pmds[pmd].add_rxq(Rxq::new(port, queue, source, e.load.clone()))?;
+        let e = &mut st.sources[i];
+        self.pmds[pmd].add_source(SourceQueue::new(port, queue, source, e.load.clone()))?;
         e.running = true;
         Ok(())
     }
 
-    /// Stop polling an rx queue; returns it (with its ring) once its PMD let go of it.
-    pub fn remove_rxq(&self, port: PortId, queue: u16) -> Result<Option<Rxq>, PmdError> {
+    /// Stop polling a source queue; returns it (with its ring) once its PMD let go of it.
+    pub fn remove_source(&self, port: PortId, queue: u16) -> Result<Option<SourceQueue>, PmdError> {
         let mut st = self.state();
         let Some(e) = st
-            .rxqs
+            .sources
             .iter_mut()
             .find(|e| e.port == port && e.queue == queue && e.running)
         else {
             return Ok(None);
         };
         // Not removed unless the PMD applied it (a withdrawn command leaves it polled).
-        let out = self.pmds[e.pmd].remove_rxq(port, queue)?;
+        let out = self.pmds[e.pmd].remove_source(port, queue)?;
         e.running = false;
         Ok(out)
     }
 
     /// Install (Some) or detach (None) one virtqueue of a guest's port; `kick`: the eventfd
     /// the guest kicks it with. Returns the ring it replaced, which no PMD touches any more. A
-    /// guest RX queue (a destination) is swapped under its lock; a TX queue (an rx queue of
+    /// guest RX queue (a destination) is swapped under its lock; a TX queue (a source queue of
     /// the switch) is handed to or taken from the PMD that polls it.
     pub fn set_ring(
         &self,
@@ -324,7 +330,7 @@ impl Dataplane {
             return self.pmds[0].swap_ring(port, q.pair(), features, ring);
         }
         let old = self
-            .remove_rxq(port, q.pair())?
+            .remove_source(port, q.pair())?
             .and_then(|r| match r.source {
                 Source::Vhost { ring, .. } => Some(ring),
                 _ => None,
@@ -335,7 +341,7 @@ impl Dataplane {
                 features,
                 kick,
             };
-            self.add_rxq(port, q.pair(), source)?;
+            self.add_source(port, q.pair(), source)?;
         }
         Ok(old)
     }
@@ -344,7 +350,7 @@ impl Dataplane {
     /// queues for `roundrobin`, fewest busy cycles in the last window for `cycles`.
     fn least_loaded(&self, st: &State) -> usize {
         let weight = |p: usize| -> u64 {
-            let on = st.rxqs.iter().filter(|e| e.pmd == p);
+            let on = st.sources.iter().filter(|e| e.pmd == p);
             match self.assign {
                 Assign::RoundRobin => on.count() as u64,
                 Assign::Cycles => on.map(|e| e.window_busy).sum(),
@@ -376,7 +382,7 @@ impl Dataplane {
         if busiest < lb.load_threshold as f64 || st.last_rebalance.elapsed() < lb.interval {
             return Ok(Vec::new());
         }
-        let now: Vec<usize> = st.rxqs.iter().map(|e| e.pmd).collect();
+        let now: Vec<usize> = st.sources.iter().map(|e| e.pmd).collect();
         let plan = plan(&st, self.pmds.len(), Assign::Cycles);
         let (before, after) = (max_load(&st, &now), max_load(&st, &plan));
         if before == 0 || before.saturating_sub(after) * 100 < before * lb.improvement as u64 {
@@ -387,7 +393,7 @@ impl Dataplane {
     }
 
     fn close_window(&self, st: &mut State) {
-        for e in st.rxqs.iter_mut() {
+        for e in st.sources.iter_mut() {
             let now = e.load.busy_cycles.load(Ordering::Relaxed);
             e.window_busy = now.wrapping_sub(e.mark);
             e.mark = now;
@@ -412,8 +418,8 @@ impl Dataplane {
         self.apply(&mut st, &plan)
     }
 
-    /// Pin rx queue `queue` of `port` to the PMD on `core` (None: unpin), and move it there
-    /// now (`ctl pin`, as setting OVS's pmd-rxq-affinity at run time). Other queues move on
+    /// Pin source queue `queue` of `port` to the PMD on `core` (None: unpin), and move it there
+    /// now (`ctl pin`, as setting OVS's pmd-sq-affinity at run time). Other queues move on
     /// the next rebalance (a newly pinned PMD then gives up the queues not pinned to it).
     pub fn pin(
         &self,
@@ -427,33 +433,33 @@ impl Dataplane {
             None => None,
         };
         let i = st
-            .rxqs
+            .sources
             .iter()
             .position(|e| e.port == port && e.queue == queue)
             .ok_or(PinError::NoQueue(queue))?;
-        st.rxqs[i].pinned = to;
-        let mut plan: Vec<usize> = st.rxqs.iter().map(|e| e.pmd).collect();
+        st.sources[i].pinned = to;
+        let mut plan: Vec<usize> = st.sources.iter().map(|e| e.pmd).collect();
         if let Some(to) = to {
             plan[i] = to;
         }
         Ok(self.apply(&mut st, &plan)?)
     }
 
-    /// Move each queue to the PMD `plan` gives it (indexed like `st.rxqs`).
+    /// Move each queue to the PMD `plan` gives it (indexed like `st.sources`).
     fn apply(&self, st: &mut State, plan: &[usize]) -> Result<Vec<Move>, PmdError> {
         let mut moves = Vec::new();
         for (i, &to) in plan.iter().enumerate() {
-            let e = &mut st.rxqs[i];
+            let e = &mut st.sources[i];
             if e.pmd == to {
                 continue;
             }
             let from = e.pmd;
             if e.running {
                 // A queue its PMD does not have (it failed to take it) stays where it was.
-                let Some(rxq) = self.pmds[from].remove_rxq(e.port, e.queue)? else {
+                let Some(sq) = self.pmds[from].remove_source(e.port, e.queue)? else {
                     continue;
                 };
-                if let Err(err) = self.pmds[to].add_rxq(rxq) {
+                if let Err(err) = self.pmds[to].add_source(sq) {
                     e.running = false;
                     return Err(err);
                 }
@@ -469,13 +475,13 @@ impl Dataplane {
         Ok(moves)
     }
 
-    /// Every rx queue, by PMD, with its share of that PMD's cycles over the last window.
-    pub fn rxq_show(&self) -> Vec<RxqInfo> {
+    /// Every source queue, by PMD, with its share of that PMD's cycles over the last window.
+    pub fn source_show(&self) -> Vec<SourceQueueInfo> {
         let st = self.state();
-        let mut v: Vec<RxqInfo> = st
-            .rxqs
+        let mut v: Vec<SourceQueueInfo> = st
+            .sources
             .iter()
-            .map(|e| RxqInfo {
+            .map(|e| SourceQueueInfo {
                 port: e.port,
                 queue: e.queue,
                 core: self.pmds[e.pmd].core(),
@@ -498,7 +504,11 @@ impl Dataplane {
             .map(|(i, p)| PmdInfo {
                 core: p.core(),
                 counters: p.stats().snapshot(),
-                rxqs: st.rxqs.iter().filter(|e| e.pmd == i && e.running).count(),
+                sources: st
+                    .sources
+                    .iter()
+                    .filter(|e| e.pmd == i && e.running)
+                    .count(),
                 isolated: isolated[i],
                 busy_pct: pct(st.pmd_window[i].0, st.pmd_window[i].1),
             })
@@ -517,7 +527,7 @@ fn pct(part: u64, whole: u64) -> f64 {
 /// Per PMD: a queue is pinned to it, or it is a pipeline tx PMD.
 fn isolated(st: &State, n: usize) -> Vec<bool> {
     let mut v: Vec<bool> = (0..n).map(|i| st.tx_only.get(i) == Some(&true)).collect();
-    for e in &st.rxqs {
+    for e in &st.sources {
         if let Some(p) = e.pinned {
             v[p] = true;
         }
@@ -529,7 +539,7 @@ fn isolated(st: &State, n: usize) -> Vec<bool> {
 /// `pmd_of[i]`.
 fn max_load(st: &State, pmd_of: &[usize]) -> u64 {
     let mut load = vec![0u64; pmd_of.iter().max().map_or(0, |m| m + 1)];
-    for (e, &p) in st.rxqs.iter().zip(pmd_of) {
+    for (e, &p) in st.sources.iter().zip(pmd_of) {
         load[p] += e.window_busy;
     }
     load.into_iter().max().unwrap_or(0)
@@ -544,17 +554,21 @@ fn open_pmds(st: &State, n: usize) -> Vec<usize> {
     }
 }
 
-/// A PMD for every queue (indexed like `st.rxqs`): pinned ones where they are pinned, the
+/// A PMD for every queue (indexed like `st.sources`): pinned ones where they are pinned, the
 /// others over the PMDs not isolated (all of them, if every one is), by `policy`.
 fn plan(st: &State, n: usize, policy: Assign) -> Vec<usize> {
     let pmds = open_pmds(st, n);
-    let mut out: Vec<usize> = st.rxqs.iter().map(|e| e.pinned.unwrap_or(e.pmd)).collect();
-    let mut free: Vec<usize> = (0..st.rxqs.len())
-        .filter(|&i| st.rxqs[i].pinned.is_none())
+    let mut out: Vec<usize> = st
+        .sources
+        .iter()
+        .map(|e| e.pinned.unwrap_or(e.pmd))
+        .collect();
+    let mut free: Vec<usize> = (0..st.sources.len())
+        .filter(|&i| st.sources[i].pinned.is_none())
         .collect();
     match policy {
         Assign::RoundRobin => {
-            free.sort_by_key(|&i| (st.rxqs[i].port, st.rxqs[i].queue));
+            free.sort_by_key(|&i| (st.sources[i].port, st.sources[i].queue));
             for (k, &i) in free.iter().enumerate() {
                 out[i] = pmds[k % pmds.len()];
             }
@@ -562,21 +576,21 @@ fn plan(st: &State, n: usize, policy: Assign) -> Vec<usize> {
         Assign::Cycles => {
             // Busiest first, each to the PMD with the least load so far (ties: the queue's
             // own PMD, so equal loads do not move).
-            free.sort_by_key(|&i| (std::cmp::Reverse(st.rxqs[i].window_busy), i));
+            free.sort_by_key(|&i| (std::cmp::Reverse(st.sources[i].window_busy), i));
             let mut load = vec![0u64; n];
-            for (i, e) in st.rxqs.iter().enumerate() {
+            for (i, e) in st.sources.iter().enumerate() {
                 if e.pinned.is_some() {
                     load[out[i]] += e.window_busy;
                 }
             }
             for &i in &free {
-                let own = st.rxqs[i].pmd;
+                let own = st.sources[i].pmd;
                 let p = *pmds
                     .iter()
                     .min_by_key(|&&p| (load[p], p != own, p))
                     .unwrap_or(&pmds[0]);
                 out[i] = p;
-                load[p] += st.rxqs[i].window_busy;
+                load[p] += st.sources[i].window_busy;
             }
         }
     }
@@ -593,7 +607,7 @@ mod tests {
             ports: Vec::new(),
             tx_only: Vec::new(),
             affinity: Vec::new(),
-            rxqs: queues
+            sources: queues
                 .iter()
                 .enumerate()
                 .map(|(i, &(busy, pmd, pinned))| Entry {

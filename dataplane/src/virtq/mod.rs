@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use virtio_bindings::virtio_ring;
+
 use crate::cpu::{prefetch, prefetch_w};
 use crate::mem::seg::{Seg, SegList, MAX_SEGS};
 use crate::mem::table::{DirtyLog, MemTable};
@@ -213,11 +215,12 @@ pub(crate) fn push_segs(
     Ok(())
 }
 
-pub const VIRTQ_DESC_F_NEXT: u16 = 1;
-pub const VIRTQ_DESC_F_WRITE: u16 = 2;
-pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
-pub const VRING_USED_F_NO_NOTIFY: u16 = 1;
-pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+// The spec's flags, from virtio-bindings (u32 there; the ring fields are u16).
+pub const VIRTQ_DESC_F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
+pub const VIRTQ_DESC_F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
+pub const VIRTQ_DESC_F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
+pub const VRING_USED_F_NO_NOTIFY: u16 = virtio_ring::VRING_USED_F_NO_NOTIFY as u16;
+pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16;
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 
 /// Descriptors read from guest memory, counted only in fuzzing builds: the fuzz targets'

@@ -9,18 +9,20 @@ use std::fs::File;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::sync::Arc;
 
+use virtio_bindings::virtio_ring;
+
 use super::split::{RingAddrs, RingError};
 use super::*;
 use crate::cpu::prefetch;
 use crate::mem::table::{DirtyLog, MemTable};
 use crate::stats::QueueStats;
 
-const F_AVAIL: u16 = 1 << 7;
-const F_USED: u16 = 1 << 15;
+const F_AVAIL: u16 = 1 << virtio_ring::VRING_PACKED_DESC_F_AVAIL;
+const F_USED: u16 = 1 << virtio_ring::VRING_PACKED_DESC_F_USED;
 /// Event suppression flags (the driver's and the device's area).
-const EVENT_ENABLE: u16 = 0;
-const EVENT_DISABLE: u16 = 1;
-const EVENT_DESC: u16 = 2;
+const EVENT_ENABLE: u16 = virtio_ring::VRING_PACKED_EVENT_FLAG_ENABLE as u16;
+const EVENT_DISABLE: u16 = virtio_ring::VRING_PACKED_EVENT_FLAG_DISABLE as u16;
+const EVENT_DESC: u16 = virtio_ring::VRING_PACKED_EVENT_FLAG_DESC as u16;
 
 /// Chains found available and not yet consumed that the ring remembers: a TX burst plus the
 /// most RX buffers one frame may take, with room to spare.
