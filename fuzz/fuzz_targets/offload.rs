@@ -51,10 +51,8 @@ fuzz_target!(|data: &[u8]| {
     for p in points.into_iter().chain([frame.len()]) {
         if p > at {
             let ptr = frame[at..].as_mut_ptr();
-            assert!(segs.push(Seg {
-                ptr,
-                len: (p - at) as u32,
-            }));
+            // SAFETY: a piece of `frame`, which outlives `segs`.
+            assert!(segs.push(unsafe { Seg::new(ptr, (p - at) as u32) }));
             at = p;
         }
     }

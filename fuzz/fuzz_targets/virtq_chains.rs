@@ -16,8 +16,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use dataplane::harness::{
-    gather, install_notifier, maintain_notifier, pmd_holder, Delivery, Frame, DeliveryScratch, SegList,
-    GuestRxq, VirtQueue, VnetHdr, DESC_READS, MAX_CHAIN_DESCS, MIN_GSO_SIZE, VNET_HDR_LEN,
+    gather, install_notifier, maintain_notifier, pmd_holder, Delivery, DeliveryScratch, Frame,
+    GuestRxq, SegList, VirtQueue, VnetHdr, DESC_READS, MAX_CHAIN_DESCS, MIN_GSO_SIZE, VNET_HDR_LEN,
 };
 use dataplane::{
     MemTable, NetFeatures, OffloadCaps, PackedRing, Port, PortId, QueueStats, RegionDesc,
@@ -170,10 +170,10 @@ fuzz_target!(|data: &[u8]| {
         }
         let mut on_frame = |src: &SegList| {
             tx_frames += 1;
-            let sum: u64 = src.segs().iter().map(|s| s.len as u64).sum();
+            let sum: u64 = src.segs().iter().map(|s| s.len() as u64).sum();
             assert_eq!(sum, src.total as u64);
             for s in src.segs() {
-                let (p, end) = (s.ptr as usize, s.ptr as usize + s.len as usize);
+                let (p, end) = (s.ptr() as usize, s.ptr() as usize + s.len() as usize);
                 assert!(
                     bounds.iter().any(|&(lo, hi)| lo <= p && end <= hi),
                     "segment outside guest memory"

@@ -444,7 +444,9 @@ impl MbufBurst {
                     mb.next,
                 )
             };
-            *out.segs.get_mut(out.n)? = Seg { ptr, len };
+            // SAFETY: the data of an mbuf of the burst, owned until `free_all`, after the
+            // frame's deliveries ran.
+            *out.segs.get_mut(out.n)? = unsafe { Seg::new(ptr, len) };
             out.n += 1;
             out.total += len;
             m = next;

@@ -211,10 +211,10 @@ pub fn write_frame(fd: RawFd, f: &Frame) -> TapIo {
     let mut len = 0u32;
     for piece in f.segs.pieces(f.skip, f.len) {
         iov[n] = libc::iovec {
-            iov_base: piece.ptr.cast(),
-            iov_len: piece.len as usize,
+            iov_base: piece.ptr().cast(),
+            iov_len: piece.len() as usize,
         };
-        len += piece.len;
+        len += piece.len();
         n += 1;
     }
     // SAFETY: every iovec points into readable memory: the header, or pieces of segments that
@@ -230,7 +230,7 @@ pub fn write_frame(fd: RawFd, f: &Frame) -> TapIo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mem::seg::{Seg, SegList};
+    use crate::mem::seg::SegList;
     use crate::net::offload::VnetHdr;
 
     /// Two queues of one tap device: what one writes as the "outside" is not looped back, so
@@ -247,21 +247,11 @@ mod tests {
         let mut frame = vec![0xffu8; 6];
         frame.extend([2, 0, 0, 0, 0, 1, 0x88, 0xb5]);
         frame.resize(60, 0xab);
-        let mut src = SegList::default();
         // Split over two segments, with 4 bytes to skip in front (as a guest's header would be).
         let mut a = vec![9u8; 4];
         a.extend(&frame[..20]);
-        let mut b = frame[20..].to_vec();
-        src.segs[0] = Seg {
-            ptr: a.as_mut_ptr(),
-            len: a.len() as u32,
-        };
-        src.segs[1] = Seg {
-            ptr: b.as_mut_ptr(),
-            len: b.len() as u32,
-        };
-        src.n = 2;
-        src.total = (a.len() + b.len()) as u32;
+        let mut bufs = [a, frame[20..].to_vec()];
+        let src = SegList::over(&mut bufs);
         let f = Frame {
             segs: &src,
             skip: 4,

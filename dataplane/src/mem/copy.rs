@@ -58,14 +58,14 @@ pub fn gather(src: &SegList, mut skip: u32, out: &mut [u8]) -> usize {
         if done == out.len() {
             break;
         }
-        if skip >= seg.len {
-            skip -= seg.len;
+        if skip >= seg.len() {
+            skip -= seg.len();
             continue;
         }
-        let n = ((seg.len - skip) as usize).min(out.len() - done);
+        let n = ((seg.len() - skip) as usize).min(out.len() - done);
         // SAFETY: seg was bounds-checked against mapped guest memory when the chain was walked,
         // skip + n <= seg.len, and out has n bytes left at `done`.
-        unsafe { copy_bytes(seg.ptr.add(skip as usize), out.as_mut_ptr().add(done), n) };
+        unsafe { copy_bytes(seg.ptr().add(skip as usize), out.as_mut_ptr().add(done), n) };
         done += n;
         skip = 0;
     }
@@ -104,9 +104,9 @@ pub fn csum(src: &SegList, from: u32, len: u32) -> u16 {
     let mut odd = false;
     for piece in src.pieces(from, len) {
         // SAFETY: a piece lies inside a segment, bounds-checked when it was made.
-        let s = fold(unsafe { sum_be32(piece.ptr, piece.len as usize) });
+        let s = fold(unsafe { sum_be32(piece.ptr(), piece.len() as usize) });
         sum += if odd { s.swap_bytes() } else { s } as u64;
-        odd ^= piece.len % 2 == 1;
+        odd ^= piece.len() % 2 == 1;
     }
     fold(sum)
 }
@@ -216,7 +216,7 @@ impl<'a> Writer<'a> {
         loop {
             let chain = self.chains.get(self.chain)?;
             match chain.segs().get(self.seg) {
-                Some(s) if self.off < s.len => return Some(*s),
+                Some(s) if self.off < s.len() => return Some(*s),
                 Some(_) => {
                     self.seg += 1;
                     self.off = 0;
@@ -239,11 +239,11 @@ impl<'a> Writer<'a> {
         let mut left = len;
         while left > 0 {
             let Some(seg) = self.current() else { break };
-            let n = (seg.len - self.off).min(left);
+            let n = (seg.len() - self.off).min(left);
             // SAFETY: seg lies in checked guest memory and off + n <= seg.len; the caller
             // guarantees src has `left >= n` readable bytes.
             unsafe {
-                copy_bytes(src, seg.ptr.add(self.off as usize), n as usize);
+                copy_bytes(src, seg.ptr().add(self.off as usize), n as usize);
                 src = src.add(n as usize);
             }
             self.off += n;
@@ -267,11 +267,11 @@ impl<'a> Writer<'a> {
     pub fn write_header(&mut self, lo: u64, hi: u32, len: u32) -> u32 {
         use std::ptr::{read_unaligned as rd, write_unaligned as wr};
         if len == 10 || len == 12 {
-            if let Some(seg) = self.current().filter(|s| s.len - self.off >= len) {
+            if let Some(seg) = self.current().filter(|s| s.len() - self.off >= len) {
                 // SAFETY: seg lies in checked guest memory and off + len <= seg.len, so the
                 // 8-byte word at off and the 2 or 4 bytes after it are inside it.
                 unsafe {
-                    let p = seg.ptr.add(self.off as usize);
+                    let p = seg.ptr().add(self.off as usize);
                     let (held_lo, held_hi) = match len {
                         12 => (rd(p as *const u64), rd(p.add(8) as *const u32)),
                         _ => (rd(p as *const u64), rd(p.add(8) as *const u16) as u32),
@@ -310,8 +310,8 @@ impl<'a> Writer<'a> {
                 if left == 0 {
                     return;
                 }
-                let n = s.len.saturating_sub(off).min(left);
-                prefetch_lines(s.ptr.wrapping_add(off as usize), n, &mut hint);
+                let n = s.len().saturating_sub(off).min(left);
+                prefetch_lines(s.ptr().wrapping_add(off as usize), n, &mut hint);
                 left -= n;
                 off = 0;
             }
@@ -323,8 +323,8 @@ impl<'a> Writer<'a> {
     /// caller.
     #[inline]
     pub fn reserve(&mut self, len: u32) -> Option<*mut u8> {
-        let seg = self.current().filter(|s| s.len - self.off >= len)?;
-        let p = seg.ptr.wrapping_add(self.off as usize);
+        let seg = self.current().filter(|s| s.len() - self.off >= len)?;
+        let p = seg.ptr().wrapping_add(self.off as usize);
         self.off += len;
         Some(p)
     }
@@ -338,13 +338,13 @@ impl<'a> Writer<'a> {
     pub fn copy_chain(&mut self, src: &SegList, mut skip: u32) -> u32 {
         let mut done = 0;
         for seg in src.segs() {
-            if skip >= seg.len {
-                skip -= seg.len;
+            if skip >= seg.len() {
+                skip -= seg.len();
                 continue;
             }
-            let want = seg.len - skip;
+            let want = seg.len() - skip;
             // SAFETY: the source segment was checked when its chain was walked; skip < seg.len.
-            let n = unsafe { self.write_raw(seg.ptr.add(skip as usize), want) };
+            let n = unsafe { self.write_raw(seg.ptr().add(skip as usize), want) };
             done += n;
             if n < want {
                 break;
@@ -481,12 +481,12 @@ mod tests {
         let l = list(&mut b);
         assert_eq!(
             l.contiguous(2, 8),
-            Some(l.segs()[0].ptr.wrapping_add(2) as *const u8)
+            Some(l.segs()[0].ptr().wrapping_add(2) as *const u8)
         );
         assert_eq!(l.contiguous(2, 9), None, "crosses into the second buffer");
         assert_eq!(
             l.contiguous(12, 18),
-            Some(l.segs()[1].ptr.wrapping_add(2) as *const u8)
+            Some(l.segs()[1].ptr().wrapping_add(2) as *const u8)
         );
         assert_eq!(l.contiguous(12, 19), None, "past the end");
         assert_eq!(l.contiguous(30, 1), None);
@@ -524,8 +524,8 @@ mod tests {
         assert_eq!(w.write(&[1, 2, 3, 4]), 4);
         assert!(w.reserve(7).is_none(), "6 bytes left in the first segment");
         let p = w.reserve(6).unwrap();
-        assert_eq!(p, chains[0].segs()[0].ptr.wrapping_add(4));
-        assert_eq!(w.reserve(20), Some(chains[0].segs()[1].ptr));
+        assert_eq!(p, chains[0].segs()[0].ptr().wrapping_add(4));
+        assert_eq!(w.reserve(20), Some(chains[0].segs()[1].ptr()));
         assert!(w.reserve(1).is_none());
     }
 

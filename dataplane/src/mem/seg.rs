@@ -7,11 +7,13 @@ use crate::cpu::{demote, prefetch, prefetch_lines};
 /// a longer chain is refused as a bad descriptor rather than walked.
 pub const MAX_SEGS: usize = 64;
 
-/// A host-virtual buffer inside guest memory, already bounds-checked against the memory table.
+/// A host-virtual buffer the switch may read and write: a translated guest buffer, an mbuf's
+/// data, a PMD's own buffer. The copies and checksums over segment lists dereference it, so
+/// it can only be made by `Seg::new`, whose caller vouches for it.
 #[derive(Clone, Copy, Debug)]
 pub struct Seg {
-    pub ptr: *mut u8,
-    pub len: u32,
+    ptr: *mut u8,
+    len: u32,
 }
 
 impl Seg {
@@ -19,6 +21,28 @@ impl Seg {
         ptr: std::ptr::null_mut(),
         len: 0,
     };
+
+    /// # Safety
+    /// `len` bytes at `ptr` are mapped, and stay mapped for as long as the segment (or a list
+    /// holding it) is used: guest memory translated through the memory table of the ring
+    /// being walked (which outlives the walk's use), an mbuf the PMD owns, a buffer of its
+    /// own. The bytes may change under it (a guest writes its memory at any time): the code
+    /// reading segments never assumes otherwise.
+    #[inline(always)]
+    pub unsafe fn new(ptr: *mut u8, len: u32) -> Seg {
+        Seg { ptr, len }
+    }
+
+    #[inline(always)]
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    #[inline(always)]
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> u32 {
+        self.len
+    }
 }
 
 /// The translated buffers of one descriptor chain.

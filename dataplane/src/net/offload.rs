@@ -255,10 +255,8 @@ pub fn finish(
     let ok = match field {
         Some(at) => {
             soft.frame.push_range(f.segs, f.skip, at)
-                && soft.frame.push(Seg {
-                    ptr: soft.csum.as_mut_ptr(),
-                    len: 2,
-                })
+                // SAFETY: two bytes of the scratch, which outlives the frame it is part of.
+                && soft.frame.push(unsafe { Seg::new(soft.csum.as_mut_ptr(), 2) })
                 && soft
                     .frame
                     .push_range(f.segs, f.skip + at + 2, f.len - at - 2)
@@ -393,10 +391,9 @@ fn segment(
         put16(h, l4 + 16, nonzero(!fold(sum)));
 
         soft.frame.clear();
-        let fits = soft.frame.push(Seg {
-            ptr: h.as_mut_ptr(),
-            len: hdrs as u32,
-        }) && soft.frame.push_range(f.segs, data, n as u32);
+        // SAFETY: the scratch's header buffer, `hdrs` <= its length, outliving the frame.
+        let hdr_seg = unsafe { Seg::new(h.as_mut_ptr(), hdrs as u32) };
+        let fits = soft.frame.push(hdr_seg) && soft.frame.push_range(f.segs, data, n as u32);
         if !fits {
             return Err(BadOffload);
         }

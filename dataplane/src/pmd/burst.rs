@@ -259,10 +259,9 @@ impl Fwd {
                 break;
             };
             self.src.clear();
-            self.src.push(Seg {
-                ptr: self.tap_buf.as_mut_ptr(),
-                len,
-            });
+            // SAFETY: the PMD's own read buffer; `len` bytes were read into it.
+            self.src
+                .push(unsafe { Seg::new(self.tap_buf.as_mut_ptr(), len) });
             let mut hdr = [0u8; VNET_HDR_LEN];
             hdr.copy_from_slice(&self.tap_hdr[..VNET_HDR_LEN]);
             let v = self.forward_with_header(src, q as u16, &hdr, 0, len);

@@ -204,10 +204,9 @@ impl Fwd {
         for i in 0..batch.n {
             let total = batch.lens[i];
             self.src.clear();
-            self.src.push(Seg {
-                ptr: batch.slot(i).as_mut_ptr(),
-                len: total,
-            });
+            // SAFETY: the batch's slot, `total` <= SLOT bytes, held until it is recycled below.
+            self.src
+                .push(unsafe { Seg::new(batch.slot(i).as_mut_ptr(), total) });
             let (v, len) = self.forward_walked(src, queue, hdr_len, batch.tx_offloads);
             tally.count(v, len);
         }

@@ -177,7 +177,7 @@ pub(crate) fn prefetch_rx(p: *mut u8, span: u32, hdr_len: u32) {
 #[inline]
 pub(crate) fn log_chain(log: &DirtyLog, mem: &MemTable, chain: &SegList, len: u32) {
     for piece in chain.pieces(0, len) {
-        log.mark_host(mem, piece.ptr, piece.len as u64);
+        log.mark_host(mem, piece.ptr(), piece.len() as u64);
     }
 }
 
@@ -207,7 +207,9 @@ pub(crate) fn push_segs(
             .gpa_to_host_partial(gpa, left)
             .ok_or(ChainError::BadAddress)?;
         let slot = out.segs.get_mut(out.n).ok_or(ChainError::TooLong)?;
-        *slot = Seg { ptr, len: n as u32 };
+        // SAFETY: `n` bytes at `ptr` translated by the ring's memory table, which outlives
+        // the chain's use (control swaps the table only with the ring handed back).
+        *slot = unsafe { Seg::new(ptr, n as u32) };
         out.n += 1;
         left -= n;
         gpa = gpa.checked_add(n).ok_or(ChainError::BadAddress)?;
