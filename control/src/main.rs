@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use control::ctl::protocol::{Policy, Request, Response};
+use control::ctl::text;
 use control::{config, ctl, switch};
 
 #[derive(Parser)]
@@ -53,9 +55,8 @@ enum CtlCmd {
     PmdStatsShow,
     /// Which PMD polls which source queue, and how busy each keeps it.
     PmdRxqShow,
-    /// Reassign the source queues to the PMDs now, by the configured policy or the one named
-    /// (roundrobin or cycles).
-    Rebalance { policy: Option<String> },
+    /// Reassign the source queues to the PMDs now, by the configured policy or the one named.
+    Rebalance { policy: Option<Policy> },
     /// Pin a source queue of a port to a PMD core ("none": unpin) and move it there now.
     Pin {
         port: String,
@@ -68,34 +69,7 @@ fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match (cli.cmd, cli.config) {
-        (Some(Cmd::Ctl { socket, what }), _) => {
-            let mut body = None;
-            let cmd = match what {
-                CtlCmd::Stats { json: true } => "stats-json".to_string(),
-                CtlCmd::Stats { json: false } => "stats".to_string(),
-                // We read the file, with our own rights, and send it; the path names it in
-                // the switch's messages.
-                CtlCmd::AddPort { file } => {
-                    body =
-                        Some(std::fs::read(&file).with_context(|| format!("{}", file.display()))?);
-                    format!(
-                        "add-port {}",
-                        std::fs::canonicalize(&file)
-                            .with_context(|| format!("{}", file.display()))?
-                            .display()
-                    )
-                }
-                CtlCmd::DelPort { name } => format!("del-port {name}"),
-                CtlCmd::PmdStatsShow => "pmd-stats-show".into(),
-                CtlCmd::PmdRxqShow => "pmd-rxq-show".into(),
-                CtlCmd::Pin { port, queue, core } => format!("pin {port} {queue} {core}"),
-                CtlCmd::Rebalance { policy } => {
-                    format!("rebalance {}", policy.unwrap_or_default())
-                }
-            };
-            print!("{}", ctl::client(&socket, &cmd, body.as_deref())?);
-            Ok(())
-        }
+        (Some(Cmd::Ctl { socket, what }), _) => ctl_command(&socket, what),
         (Some(Cmd::Check { config }), _) => {
             let c = config::Config::load(&config)?;
             println!("{}: ok, {} port(s)", config.display(), c.ports.len());
@@ -106,6 +80,46 @@ fn main() -> anyhow::Result<()> {
             anyhow::bail!("give --config FILE to run the switch, or a subcommand (see --help)")
         }
     }
+}
+
+/// `ringswitch ctl ...`: one request, its reply printed as text (or JSON for `stats --json`).
+fn ctl_command(socket: &std::path::Path, what: CtlCmd) -> anyhow::Result<()> {
+    let request = match &what {
+        CtlCmd::Stats { .. } | CtlCmd::PmdStatsShow | CtlCmd::PmdRxqShow => Request::Stats,
+        // We read the file, with our own rights, and send it; the path names it in the
+        // switch's messages.
+        CtlCmd::AddPort { file } => Request::AddPort {
+            text: std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?,
+            path: std::fs::canonicalize(file)
+                .with_context(|| format!("{}", file.display()))?
+                .display()
+                .to_string(),
+        },
+        CtlCmd::DelPort { name } => Request::DelPort { name: name.clone() },
+        CtlCmd::Rebalance { policy } => Request::Rebalance { policy: *policy },
+        CtlCmd::Pin { port, queue, core } => Request::Pin {
+            port: port.clone(),
+            queue: *queue,
+            core: match core.as_str() {
+                "none" => None,
+                c => Some(
+                    c.parse()
+                        .with_context(|| format!("CORE {c:?}: a number or none"))?,
+                ),
+            },
+        },
+    };
+    let out = match (ctl::client(socket, &request)?, &what) {
+        (Response::Stats(r), CtlCmd::Stats { json: true }) => serde_json::to_string(&r)? + "\n",
+        (Response::Stats(r), CtlCmd::PmdStatsShow) => text::pmds(&r),
+        (Response::Stats(r), CtlCmd::PmdRxqShow) => text::sources(&r),
+        (Response::Stats(r), _) => text::stats(&r),
+        (Response::Moved { moves }, _) => format!("ok: {}", text::moves(&moves)),
+        (Response::Done { what }, _) => format!("ok: {what}\n"),
+        (Response::Error { message }, _) => anyhow::bail!("{message}"),
+    };
+    print!("{out}");
+    Ok(())
 }
 
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
@@ -138,7 +152,7 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             Ok(moves) if !moves.is_empty() => {
                 log::info!(
                     "auto-rebalance: {}",
-                    ctl::moves_text(&sw, &moves).trim_end()
+                    text::moves(&ctl::move_reports(&sw, &moves)).trim_end()
                 )
             }
             Ok(_) => {}

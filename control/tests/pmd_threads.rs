@@ -36,7 +36,7 @@ fn two_queue_sender(sw: &Switch) -> Testpmd {
 /// The core of the PMD polling source queue `queue` of `port`.
 fn core_of(sw: &Switch, port: &str, queue: u16) -> u64 {
     let s = sw.stats();
-    let q = s["rxqs"]
+    let q = s["sources"]
         .as_array()
         .unwrap()
         .iter()
@@ -124,7 +124,7 @@ fn pinned_queues_isolate_their_pmd() {
     sw.wait_connected(1, true);
     a.wait_output("Rx-pps", Duration::from_secs(30));
     let s = sw.stats();
-    let rxqs = s["rxqs"].as_array().unwrap();
+    let rxqs = s["sources"].as_array().unwrap();
     let on = |core: u64| -> Vec<String> {
         rxqs.iter()
             .filter(|q| q["core"] == core)
