@@ -4,6 +4,5 @@
 
 pub mod config;
 pub mod ctl;
-pub mod framing;
 pub mod switch;
 pub mod vhost_user;

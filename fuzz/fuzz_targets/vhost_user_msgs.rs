@@ -151,7 +151,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = frontend.shutdown(std::net::Shutdown::Write);
-    control::switch::serve_connection("fuzz", backend, &dev, &AtomicBool::new(false));
+    control::vhost_user::serve_connection("fuzz", backend, &dev, &AtomicBool::new(false));
     // The replies, if any, are not looked at.
     let mut sink = Vec::new();
     let _ = (&frontend).read_to_end(&mut sink);
