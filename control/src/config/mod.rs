@@ -174,9 +174,17 @@ impl Config {
         };
         if let Some(dir) = dir {
             let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .map_err(|source| ConfigError::Read {
-                    file: dir.clone(),
-                    source,
+                .map_err(|source| match main.dataplane.ports_dir {
+                    // A directory the main file names: the error says where it was named.
+                    Some(_) => ConfigError::invalid(
+                        path,
+                        "dataplane.ports_dir",
+                        format!("{}: cannot read: {source}", dir.display()),
+                    ),
+                    None => ConfigError::Read {
+                        file: dir.clone(),
+                        source,
+                    },
                 })?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|e| e == "toml"))
@@ -368,6 +376,26 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         TmpDir(d)
+    }
+
+    /// Found by the config fuzz target: a `ports_dir` that cannot be read was reported as
+    /// "DIR: cannot read", naming neither the file nor the key that set it.
+    #[test]
+    fn an_unreadable_ports_dir_is_the_main_files_error() {
+        let d = tmpdir("portsdir");
+        let main = write(
+            &d,
+            "main.toml",
+            "[dataplane]\npmd_cores = [1]\nports_dir = \"/nonexistent-rs\"\n",
+        );
+        let e = Config::load(&main).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{}: dataplane.ports_dir: /nonexistent-rs: cannot read",
+                main.display()
+            )),
+            "{e}"
+        );
     }
 
     #[test]
