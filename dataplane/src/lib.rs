@@ -25,7 +25,7 @@ pub use dev::tap::Tap;
 pub use mem::sigbus::faulted_owners;
 pub use mem::table::{DirtyLog, MemError, MemTable, RegionDesc};
 pub use net::features::NetFeatures;
-pub use net::offload::OffloadCaps;
+pub use net::vnet::OffloadCaps;
 pub use pmd::{Model, PmdError, Source};
 pub use port::{dpdk::DpdkPort, tap::TapPort, Port, VhostPort};
 pub use sched::{Assign, AutoLb, Dataplane, Move, PinError, PmdInfo, SourceQueueInfo};
@@ -44,9 +44,8 @@ pub mod dpdk {
 pub mod harness {
     pub use crate::mem::copy::gather;
     pub use crate::mem::seg::{Seg, SegList};
-    pub use crate::net::offload::{
-        finish, Frame, SoftScratch, VnetHdr, MIN_GSO_SIZE, VNET_HDR_LEN,
-    };
+    pub use crate::net::offload::{finish, SoftScratch};
+    pub use crate::net::vnet::{Frame, VnetHdr, MIN_GSO_SIZE, VNET_HDR_LEN};
     pub use crate::port::lock::pmd_holder;
     pub use crate::port::{Delivery, DeliveryScratch, GuestRxq};
     pub use crate::virtq::call::{install as install_notifier, maintain as maintain_notifier};

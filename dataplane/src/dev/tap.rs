@@ -9,7 +9,7 @@ use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use crate::net::offload::{Frame, VNET_HDR_LEN};
+use crate::net::vnet::{Frame, VNET_HDR_LEN};
 
 /// The virtio-net header length the tap is set to (VERSION_1 layout, num_buffers included).
 pub const TAP_HDR_LEN: usize = 12;
@@ -231,7 +231,7 @@ pub fn write_frame(fd: RawFd, f: &Frame) -> TapIo {
 mod tests {
     use super::*;
     use crate::mem::seg::SegList;
-    use crate::net::offload::VnetHdr;
+    use crate::net::vnet::VnetHdr;
 
     /// Two queues of one tap device: what one writes as the "outside" is not looped back, so
     /// check the kernel's view instead: a written frame counts as received by the interface.

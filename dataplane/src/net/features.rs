@@ -2,7 +2,7 @@
 //! header length, mergeable RX buffers, offloads each way). Set by control when a ring starts;
 //! read by PMDs.
 
-use crate::net::offload::OffloadCaps;
+use crate::net::vnet::OffloadCaps;
 
 /// What the guest negotiated that changes frame layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,3 +4,4 @@
 pub mod features;
 pub mod l2;
 pub mod offload;
+pub mod vnet;

@@ -9,7 +9,7 @@ use crate::dev::tap::{self, TapIo, TAP_HDR_LEN};
 use crate::mem::copy::gather;
 use crate::mem::seg::{Seg, SegList};
 use crate::net::features::NetFeatures;
-use crate::net::offload::{Frame, VnetHdr, VNET_HDR_LEN};
+use crate::net::vnet::{Frame, VnetHdr, VNET_HDR_LEN};
 use crate::port::Port;
 use crate::virtq::{PackedRing, VirtQueue};
 use crate::{PortId, BURST};

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::tally::Verdict;
 use crate::mem::copy::head_words;
 use crate::net::l2::{header_keys, MacCache, MacTable};
-use crate::net::offload::Frame;
+use crate::net::vnet::Frame;
 use crate::port::{Delivery, DeliveryScratch, Port};
 use crate::{PortId, MAX_FRAME};
 

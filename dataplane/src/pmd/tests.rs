@@ -264,7 +264,7 @@ fn drops_are_counted_and_chains_returned() {
 #[test]
 fn offloads_pass_to_guests_that_take_them_and_are_finished_for_others() {
     use crate::net::offload::tests::{check_tcp, tso_frame};
-    use crate::net::offload::OffloadCaps;
+    use crate::net::vnet::OffloadCaps;
     let sender = NetFeatures {
         mrg_rxbuf: true,
         tx_offloads: true,

@@ -5,7 +5,8 @@
 
 use crate::mem::copy::PendingCopies;
 use crate::mem::seg::SegList;
-use crate::net::offload::{self, Frame, SoftScratch};
+use crate::net::offload::{self, SoftScratch};
+use crate::net::vnet::Frame;
 use crate::port::lock::{DestLock, Holder};
 use crate::stats::QueueStats;
 use crate::PortId;

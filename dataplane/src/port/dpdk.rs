@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::dev::dpdk::{EthDev, MbufBurst};
 use crate::mem::copy::{gather, PendingCopies};
-use crate::net::offload::Frame;
+use crate::net::vnet::Frame;
 use crate::port::delivery::{deliver_finished, Delivery, DeliveryScratch};
 use crate::port::lock::DestLock;
 use crate::stats::QueueStats;

@@ -16,7 +16,7 @@ use tap::TapPort;
 pub use vhost::{GuestRxq, VhostPort};
 
 use crate::net::features::NetFeatures;
-use crate::net::offload::Frame;
+use crate::net::vnet::Frame;
 use crate::stats::QueueStats;
 use crate::virtq::Virtq;
 use crate::PortId;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::dev::tap::{self, Tap, TapIo};
-use crate::net::offload::Frame;
+use crate::net::vnet::Frame;
 use crate::port::Delivery;
 use crate::stats::QueueStats;
 use crate::PortId;

@@ -4,7 +4,7 @@
 
 use crate::mem::copy::{PendingCopies, Writer};
 use crate::net::features::NetFeatures;
-use crate::net::offload::Frame;
+use crate::net::vnet::Frame;
 use crate::port::delivery::{deliver_finished, Delivery, DeliveryScratch, MAX_RX_CHAINS};
 use crate::port::lock::DestLock;
 use crate::port::Port;
