@@ -31,8 +31,8 @@ pub fn demote(p: *const u8) {
 }
 
 /// A prefetch with intent to write (PREFETCHW): takes the line exclusive before the store needs
-/// it, instead of loading it shared and upgrading it at the store. Measured with the stores of
-/// guest RX buffers: v2v 1518 B from 385 to 290 cycles per frame, 64 B from 174 to 153.
+/// it, instead of loading it shared and upgrading it at the store: two transfers of a line the
+/// guest holds become one (docs/performance.md, "Hot-path choices").
 #[inline(always)]
 pub fn prefetch_w(p: *const u8) {
     // `_mm_prefetch::<_MM_HINT_ET0>` compiles to a plain PREFETCHT0 unless the build enables

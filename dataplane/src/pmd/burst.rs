@@ -98,8 +98,8 @@ impl Fwd {
         // The burst's chains go back to the guest only after the copies out of them ran.
         self.fabric.dl.defer_copies = true;
         // All the guest has sent fits in this burst: the PMD keeps up with the guest, and can
-        // spend on handing the guest's lines back (not known of a packed ring; measured there
-        // with the PMD the bottleneck, demoting cost 3 %).
+        // spend on handing the guest's lines back (not known of a packed ring, where the PMD
+        // is the bottleneck and demoting costs; docs/performance.md, "Hot-path choices").
         self.fabric.dl.demote_sources = R::COUNTS_ALL_PENDING && pending <= BURST as u16;
         self.seg_cost = 0;
         let (mut bytes, mut taken) = (0u32, n);

@@ -59,7 +59,7 @@ pub enum Model {
 }
 
 /// Busy cycles and packets of one source queue: written by the PMD polling it, read by control
-/// (`pmd-sq-show`, the `cycles` assignment, auto-rebalance). Travels with the queue.
+/// (`pmd-rxq-show`, the `cycles` assignment, auto-rebalance). Travels with the queue.
 #[repr(align(64))]
 #[derive(Default, Debug)]
 pub struct SourceLoad {
@@ -185,8 +185,8 @@ impl Pmd {
     /// `t`: the TSC at the start, advanced to the end of the pass if it moved frames.
     ///
     /// The pass's cycles are shared among the queues by the frames each moved: reading the
-    /// TSC around every queue's burst instead cost 25 cycles a frame in the v2v loop (the
-    /// reads order themselves behind the burst's cache misses).
+    /// TSC around every queue's burst costs more (the reads order themselves behind the
+    /// burst's cache misses; docs/performance.md, "Hot-path choices").
     #[inline]
     fn poll_all(&mut self, t: &mut u64) -> (usize, u64) {
         let (mut moved, mut busy_queues) = (0, 0);

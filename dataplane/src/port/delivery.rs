@@ -77,10 +77,9 @@ pub struct DeliveryScratch {
     /// Whether the frames now delivered are a guest's TX buffers whose small frames' lines
     /// are demoted (`crate::cpu::demote`) once copied into an mbuf: the guest writes them again
     /// when it reuses the buffer, and finds them in the shared cache instead of snooping
-    /// them out of this core's. Measured with a testpmd guest sending 64 B to a DPDK port
-    /// (g2p): the guest's cycles per frame fell from about 101 to 96 (a stall freeing its
-    /// mbufs was gone), and the rate rose 3 %. Only while the PMD keeps up with the guest,
-    /// and for small frames: demoting every burst's first lines cost g2p 1518 B 3 to 6 %.
+    /// them out of this core's (a stall of the guest freeing its mbufs goes). Only while the
+    /// PMD keeps up with the guest, and for small frames: past that, demoting costs more than
+    /// it saves (docs/performance.md, "Hot-path choices").
     pub demote_sources: bool,
 }
 

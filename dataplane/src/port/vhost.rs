@@ -192,8 +192,7 @@ fn fill<R: VirtQueue>(
         &mut scratch.copies,
     ) {
         // Both sides' lines requested at once, rather than as the copy (and the hardware's
-        // stream prefetcher behind it) reaches them: v2v 1518 B went from about 500 to 410
-        // cycles per frame.
+        // stream prefetcher behind it) reaches them (docs/performance.md, "Hot-path choices").
         let ahead = f.len.min(PREFETCH_FRAME_MAX);
         f.segs.prefetch(f.skip, ahead);
         w.prefetch_w(ahead);

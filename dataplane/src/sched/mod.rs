@@ -1,5 +1,5 @@
 //! The PMDs as one switch, from control's side: which PMD polls which source queue, and moving
-//! queues between them. Policies as OVS-DPDK's `pmd-sq-assign`: `roundrobin` deals queues out
+//! queues between them. Policies as OVS-DPDK's `pmd-rxq-assign`: `roundrobin` deals queues out
 //! in order, `cycles` gives the busiest queues first to the least loaded PMD (by measured busy
 //! cycles); a queue pinned to a core in its port file goes there, and that PMD then takes no
 //! other queue (OVS's isolation). Auto-rebalance, as OVS's `pmd-auto-lb`: when the busiest PMD
@@ -25,7 +25,7 @@ use crate::virtq::Virtq;
 use crate::{CoreId, PortId, QueueIdx, MAX_PORTS};
 
 const MAC_TABLE_SIZE: usize = 8192;
-/// Loads are measured over windows this long (`pmd-sq-show`, `cycles`, auto-rebalance).
+/// Loads are measured over windows this long (`pmd-rxq-show`, `cycles`, auto-rebalance).
 const WINDOW: Duration = Duration::from_secs(1);
 
 /// How source queues that are not pinned are spread over the PMDs.
@@ -65,7 +65,7 @@ struct Entry {
     window_busy: u64,
 }
 
-/// What `pmd-sq-show` prints for one queue.
+/// What `pmd-rxq-show` prints for one queue.
 #[derive(Debug, Clone)]
 pub struct SourceQueueInfo {
     pub port: PortId,
@@ -419,7 +419,7 @@ impl Dataplane {
     }
 
     /// Pin source queue `queue` of `port` to the PMD on `core` (None: unpin), and move it there
-    /// now (`ctl pin`, as setting OVS's pmd-sq-affinity at run time). Other queues move on
+    /// now (`ctl pin`, as setting OVS's pmd-rxq-affinity at run time). Other queues move on
     /// the next rebalance (a newly pinned PMD then gives up the queues not pinned to it).
     pub fn pin(
         &self,

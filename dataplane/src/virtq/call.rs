@@ -13,9 +13,9 @@
 //! the fd. Writes are submitted together once per PMD loop iteration (`maintain`). Threads
 //! without a notifier (tests) write directly.
 //!
-//! Measured on the 2-vCPU rig (an O_NONBLOCK eventfd, one write per submit): a plain write
-//! ~340 ns, through the uring ~760 ns; only guests that ask for interrupts pay it, and a pass
-//! that notifies several queues pays one `io_uring_enter` for all.
+//! A write through the uring costs more than a plain one (docs/performance.md, "What
+//! containing a hostile frontend costs"); only guests that ask for interrupts pay it, and a
+//! pass that notifies several queues pays one `io_uring_enter` for all.
 
 use std::cell::RefCell;
 use std::fs::File;
