@@ -12,6 +12,8 @@ use dpdk_sys as sys;
 use crate::mem::seg::{Seg, SegList};
 use crate::BURST;
 
+pub use super::{device_name, EthConfig, Link};
+
 #[derive(Debug, thiserror::Error)]
 pub enum DpdkError {
     #[error("DPDK EAL initialisation failed ({args}): {reason} (see the EAL's messages above; check eal_args and hugepages)")]
@@ -185,30 +187,6 @@ impl Drop for Mempool {
         // a device ring; mbufs a PMD still held were freed back before it returned its port.
         unsafe { sys::rte_mempool_free(self.ptr.as_ptr()) };
     }
-}
-
-/// The device a devargs string names (what comes before its first comma): the name DPDK gives
-/// the port, and what two ports may not share.
-pub fn device_name(devargs: &str) -> &str {
-    devargs.split(',').next().unwrap_or_default()
-}
-
-/// How to set up an Ethernet port.
-#[derive(Debug, Clone)]
-pub struct EthConfig {
-    pub rx_queues: u16,
-    pub tx_queues: u16,
-    pub rx_desc: u16,
-    pub tx_desc: u16,
-    /// None keeps the device's default.
-    pub mtu: Option<u16>,
-}
-
-/// Link state as `rte_eth_link_get_nowait` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Link {
-    pub up: bool,
-    pub speed_mbps: u32,
 }
 
 /// An Ethernet port opened from devargs: configured, started, promiscuous. Stopped and

@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use crate::mem::seg::SegList;
 
+pub use super::{device_name, EthConfig, Link};
+
 #[derive(Debug, thiserror::Error)]
 pub enum DpdkError {
     #[error("this ringswitch was built without DPDK (libdpdk was not found at build time, or the `dpdk` feature was off): dpdk ports are not available")]
@@ -32,25 +34,6 @@ impl Mempool {
     pub fn new(_name: &str, _n: u32, _frame_room: u32) -> Result<Arc<Mempool>, DpdkError> {
         Err(DpdkError::NotBuilt)
     }
-}
-
-pub fn device_name(devargs: &str) -> &str {
-    devargs.split(',').next().unwrap_or_default()
-}
-
-#[derive(Debug, Clone)]
-pub struct EthConfig {
-    pub rx_queues: u16,
-    pub tx_queues: u16,
-    pub rx_desc: u16,
-    pub tx_desc: u16,
-    pub mtu: Option<u16>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Link {
-    pub up: bool,
-    pub speed_mbps: u32,
 }
 
 pub struct EthDev {
