@@ -1,7 +1,9 @@
-//! ringswitch dataplane: the hot path. PMD threads (pmd.rs) busy-poll split virtqueues
-//! (virtq/) over guest memory (guest_mem.rs), DPDK ports (dpdk.rs) and kernel taps (tap.rs),
-//! switch frames with an L2 learning table (l2.rs) and publish counters (stats.rs). No sockets,
-//! config parsing or logging inside the burst loop.
+//! ringswitch dataplane: the hot path, one room per job (docs/architecture.md). PMD threads
+//! (pmd/) busy-poll source queues — guests' TX virtqueues (virtq/) over guest memory (mem/),
+//! DPDK and tap devices (dev/) — switch frames with an L2 learning table (net/) into
+//! destinations (port/), and publish counters (stats.rs); sched/ is the PMDs as one switch,
+//! from control's side. No sockets, config parsing or logging inside the burst loop. This
+//! file is the facade: the modules are private, and what control needs is re-exported here.
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)

@@ -1,4 +1,4 @@
-//! The software offloads (offload.rs) as a guest drives them: a virtio-net header and a frame
+//! The software offloads (dataplane net/offload.rs) as a guest drives them: a virtio-net header and a frame
 //! the fuzzer writes, cut into 1–4 buffers where it says, parsed (`VnetHdr::parse`) and
 //! finished (`offload::finish`: checksum, TCP segmentation) for a destination that takes
 //! none. Nothing may panic; cost oracle: no more frames than a frame of that length can be

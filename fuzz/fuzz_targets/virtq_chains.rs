@@ -3,7 +3,7 @@
 //! rounds, with the "guest" rewriting memory between rounds; split or packed rings. With
 //! offloads on, the TX chains'
 //! virtio-net headers are parsed and, for an RX side that does not take them, checksums and TCP
-//! segmentation are done in software (offload.rs). Nothing may panic, every translated segment
+//! segmentation are done in software (net/offload.rs). Nothing may panic, every translated segment
 //! must lie inside guest memory, and the RX counters must account for every delivery. The
 //! rings notify through call eventfds, which the fuzzer may make hostile (blocking, counter at
 //! its maximum: a notify that blocked would hang the run, which libFuzzer's -timeout reports).

@@ -25,7 +25,7 @@ pub const VIRTIO_F_RING_PACKED: u64 = 1 << virtio_config::VIRTIO_F_RING_PACKED;
 pub const VIRTIO_F_IN_ORDER: u64 = 1 << virtio_config::VIRTIO_F_IN_ORDER;
 
 /// Checksum and TCP segmentation offloads both ways: what a guest leaves undone is finished in
-/// software for destinations that did not negotiate it (dataplane/src/offload.rs).
+/// software for destinations that did not negotiate it (dataplane/src/net/offload.rs).
 pub const OFFLOAD_FEATURES: u64 = VIRTIO_NET_F_CSUM
     | VIRTIO_NET_F_GUEST_CSUM
     | VIRTIO_NET_F_GUEST_TSO4

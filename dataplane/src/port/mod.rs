@@ -75,7 +75,7 @@ impl Port {
     /// Offer a frame. A destination queue another PMD holds gives `Busy` (the caller lets go
     /// of what it holds and tries again); one taken here stays held, listed in
     /// `scratch.held`, until the caller flushes it. A frame whose offloads the port does not
-    /// take is finished in software first (offload.rs).
+    /// take is finished in software first (net/offload.rs).
     #[inline]
     pub fn deliver(&self, f: &Frame, scratch: &mut DeliveryScratch) -> Delivery {
         match self {

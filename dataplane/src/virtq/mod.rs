@@ -1,7 +1,7 @@
 //! Virtqueues as the PMD sees them: split rings (split.rs) and packed rings (packed.rs) over
 //! cached host pointers, behind one interface (`VirtQueue`) that the hot path is generic over;
 //! descriptor chains gathered into segment lists, and scatter-gather copies between guests
-//! (copy.rs). Everything here runs on a PMD thread, except ring construction, which runs on
+//! (mem/copy.rs). Everything here runs on a PMD thread, except ring construction, which runs on
 //! control.
 
 use std::sync::Arc;
