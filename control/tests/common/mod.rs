@@ -18,7 +18,7 @@ pub enum Need {
     Hugepages,
     /// DPDK's testpmd (the guests and vdevs of most tests; also means ringswitch has DPDK).
     Testpmd,
-    /// QEMU, and what scripts/guest-image needs to build a Linux guest.
+    /// QEMU (or root and apt-get, with which scripts/guest-image installs it).
     Qemu,
 }
 
@@ -32,9 +32,10 @@ impl Need {
                 .status()
                 .is_ok_and(|s| s.success())
         };
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
         let ok = match self {
-            // SAFETY: geteuid has no preconditions.
-            Need::Root => (unsafe { libc::geteuid() }) == 0,
+            Need::Root => root,
             Need::Hugepages => std::fs::read_to_string("/proc/meminfo").is_ok_and(|m| {
                 m.lines()
                     .find_map(|l| l.strip_prefix("HugePages_Total:"))
@@ -42,7 +43,8 @@ impl Need {
                     .is_some_and(|n| n > 0)
             }),
             Need::Testpmd => on_path("dpdk-testpmd"),
-            Need::Qemu => on_path("qemu-system-x86_64"),
+            // scripts/guest-image installs QEMU 10 where apt can (as CI's fresh box does).
+            Need::Qemu => on_path("qemu-system-x86_64") || (root && on_path("apt-get")),
         };
         (!ok).then_some(match self {
             Need::Root => "root",
@@ -50,7 +52,7 @@ impl Need {
                 "2 MiB hugepages reserved (../shared/lab/hugepages.sh, or ./scripts/setup)"
             }
             Need::Testpmd => "dpdk-testpmd (Debian's dpdk package; ./scripts/setup installs it)",
-            Need::Qemu => "qemu-system-x86_64 (./scripts/setup installs it)",
+            Need::Qemu => "qemu-system-x86_64, or root and apt-get to install it",
         })
     }
 }
